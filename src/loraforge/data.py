@@ -1,0 +1,351 @@
+"""Data: load the recipe's sources, detect their format, normalise to chats, tokenize with loss masks.
+
+Every format becomes either a chat (`{"messages": [{role, content}, ...]}`) or plain text. Chats are
+rendered through the model's chat template; the tokens that carry the loss are found by rendering the
+conversation prefix before and after each assistant turn and mapping those character spans onto the
+tokens (offset mapping). That works with any prefix-stable template, with no `{% generation %}`
+markers needed. The result is a pre-tokenized dataset (`input_ids`, `assistant_masks`) that trl's
+`SFTTrainer` takes as it is (it builds labels, truncates and packs).
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .errors import UserError
+from .recipe import DataSource, Recipe
+
+ROLE_ALIASES = {
+    "system": "system",
+    "user": "user",
+    "human": "user",
+    "assistant": "assistant",
+    "gpt": "assistant",
+    "model": "assistant",
+    "chatgpt": "assistant",
+    "bing": "assistant",
+    "bard": "assistant",
+    "tool": "tool",
+}
+CHAT_ROLES = ("system", "user", "assistant", "tool")
+FORMATS = ("messages", "sharegpt", "alpaca", "prompt-completion", "text")
+
+
+@dataclass
+class Record:
+    origin: str  # "file.jsonl:12" — what an error message names
+    row: dict[str, Any]
+
+
+# --------------------------------------------------------------------------------------------------
+# Reading
+# --------------------------------------------------------------------------------------------------
+
+
+def _read_jsonl(path: Path) -> list[Record]:
+    records = []
+    with open(path, "rb") as f:
+        for lineno, raw in enumerate(f, start=1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise UserError(f"{path}:{lineno}: not UTF-8 (byte {e.start}); re-save the file as UTF-8") from None
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise UserError(
+                    f"{path}:{lineno}: not valid JSON ({e.msg} at column {e.colno}); fix or remove the line"
+                ) from None
+            if not isinstance(row, dict):
+                raise UserError(f"{path}:{lineno}: expected a JSON object per line, got {type(row).__name__}")
+            records.append(Record(f"{path}:{lineno}", row))
+    return records
+
+
+def _read_json(path: Path) -> list[Record]:
+    try:
+        text = path.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise UserError(f"{path}: not UTF-8 (byte {e.start}); re-save the file as UTF-8") from None
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as e:
+        if "\n{" in text or text.lstrip().startswith("{"):
+            return _read_jsonl(path)  # JSON lines under a .json name
+        raise UserError(f"{path}:{e.lineno}: not valid JSON ({e.msg}); fix the file") from None
+    if isinstance(data, dict):
+        data = next((v for v in data.values() if isinstance(v, list)), [data])
+    if not isinstance(data, list):
+        raise UserError(f"{path}: expected a list of records")
+    out = []
+    for i, row in enumerate(data):
+        if not isinstance(row, dict):
+            raise UserError(f"{path}: record {i + 1}: expected an object, got {type(row).__name__}")
+        out.append(Record(f"{path}: record {i + 1}", row))
+    return out
+
+
+def _read_tabular(path: Path, kind: str) -> list[Record]:
+    import datasets
+
+    try:
+        ds = datasets.load_dataset(kind, data_files=str(path), split="train")
+    except Exception as e:  # pyarrow / csv parser errors: name the file
+        raise UserError(f"{path}: could not read as {kind} ({str(e).splitlines()[0][:200]})") from None
+    first_line = 2 if kind == "csv" else 1  # csv: line 1 is the header
+    label = "line" if kind == "csv" else "row"
+    return [Record(f"{path}: {label} {i + first_line}", dict(row)) for i, row in enumerate(ds)]
+
+
+def _read_hub(src: DataSource) -> list[Record]:
+    import datasets
+
+    try:
+        ds = datasets.load_dataset(src.hub, src.subset, split=src.split)
+    except Exception as e:
+        raise UserError(
+            f"data source hub '{src.hub}': could not load ({str(e).splitlines()[0][:200]}); "
+            "check the id/subset/split and the network, or download it to a local file"
+        ) from None
+    if src.max_samples:
+        ds = ds.select(range(min(src.max_samples, len(ds))))
+    return [Record(f"{src.hub}[{src.split}] row {i + 1}", dict(row)) for i, row in enumerate(ds)]
+
+
+def read_source(src: DataSource, recipe: Recipe | None = None) -> list[Record]:
+    if src.hub is not None:
+        return _read_hub(src)
+    path = recipe.resolve_path(src.path) if recipe is not None else Path(src.path)
+    if not path.is_file():
+        raise UserError(f"data file not found: {src.path} (looked at {path}); fix data.sources[].path")
+    suffix = path.suffix.lower()
+    if suffix == ".jsonl":
+        records = _read_jsonl(path)
+    elif suffix == ".json":
+        records = _read_json(path)
+    elif suffix in (".parquet", ".csv"):
+        records = _read_tabular(path, suffix[1:])
+    else:
+        raise UserError(f"{path}: unsupported file type '{suffix}'; use .jsonl, .json, .parquet or .csv")
+    if not records:
+        raise UserError(f"{path}: no records; the dataset is empty")
+    if src.max_samples:
+        records = records[: src.max_samples]
+    return records
+
+
+# --------------------------------------------------------------------------------------------------
+# Formats
+# --------------------------------------------------------------------------------------------------
+
+
+def detect_format(row: dict[str, Any]) -> str | None:
+    keys = set(row)
+    if "messages" in keys:
+        return "messages"
+    if "conversations" in keys:
+        return "sharegpt"
+    if {"instruction", "output"} <= keys:
+        return "alpaca"
+    if {"prompt", "completion"} <= keys:
+        return "prompt-completion"
+    if "text" in keys:
+        return "text"
+    return None
+
+
+def _turns(turns: Any, origin: str, role_key: str, content_key: str, field_name: str) -> list[dict]:
+    if not isinstance(turns, list) or not turns:
+        raise UserError(f"{origin}: '{field_name}' must be a non-empty list of turns")
+    out = []
+    for i, turn in enumerate(turns):
+        if not isinstance(turn, dict) or role_key not in turn or content_key not in turn:
+            raise UserError(f"{origin}: {field_name}[{i}] needs '{role_key}' and '{content_key}'")
+        raw_role = str(turn[role_key]).strip().lower()
+        role = ROLE_ALIASES.get(raw_role)
+        if role is None:
+            raise UserError(
+                f"{origin}: {field_name}[{i}]: unknown role '{turn[role_key]}'; use one of "
+                f"{', '.join(sorted(ROLE_ALIASES))}"
+            )
+        content = turn[content_key]
+        if content is None:
+            content = ""
+        if not isinstance(content, str):
+            raise UserError(f"{origin}: {field_name}[{i}]: '{content_key}' must be text")
+        out.append({"role": role, "content": content})
+    return out
+
+
+def _require_text(row: dict, key: str, origin: str, allow_empty: bool = False) -> str:
+    value = row.get(key)
+    if value is None and allow_empty:
+        return ""
+    if not isinstance(value, str) or (not allow_empty and not value.strip()):
+        raise UserError(f"{origin}: '{key}' is missing or empty; every record of this format needs it")
+    return value
+
+
+def normalise(row: dict[str, Any], fmt: str, origin: str, system_prompt: str | None = None) -> dict[str, Any]:
+    """One record in any supported format -> {"messages": [...]} or {"text": "..."}; errors name `origin`."""
+    if fmt == "text":
+        return {"text": _require_text(row, "text", origin)}
+    if fmt == "messages":
+        messages = _turns(row.get("messages"), origin, "role", "content", "messages")
+    elif fmt == "sharegpt":
+        messages = _turns(row.get("conversations"), origin, "from", "value", "conversations")
+    elif fmt == "alpaca":
+        instruction = _require_text(row, "instruction", origin)
+        extra = _require_text(row, "input", origin, allow_empty=True)
+        prompt = f"{instruction}\n\n{extra}" if extra.strip() else instruction
+        messages = [{"role": "user", "content": prompt}, {"role": "assistant", "content": _require_text(row, "output", origin)}]
+        if isinstance(row.get("system"), str) and row["system"].strip():
+            messages.insert(0, {"role": "system", "content": row["system"]})
+    elif fmt == "prompt-completion":
+        prompt, completion = row.get("prompt"), row.get("completion")
+        if isinstance(prompt, list) and isinstance(completion, list):  # conversational prompt/completion
+            messages = _turns(prompt, origin, "role", "content", "prompt") + _turns(
+                completion, origin, "role", "content", "completion"
+            )
+        else:
+            messages = [
+                {"role": "user", "content": _require_text(row, "prompt", origin)},
+                {"role": "assistant", "content": _require_text(row, "completion", origin)},
+            ]
+    else:
+        raise UserError(f"{origin}: unknown data format '{fmt}'; use one of {', '.join(FORMATS)}")
+
+    assistant = [m for m in messages if m["role"] == "assistant"]
+    if not assistant:
+        raise UserError(f"{origin}: the conversation has no assistant turn, so there is nothing to learn")
+    for i, m in enumerate(messages):
+        if m["role"] == "assistant" and not m["content"].strip():
+            raise UserError(f"{origin}: turn {i} (assistant) is empty; remove the record or fill the answer")
+    if system_prompt and messages[0]["role"] != "system":
+        messages = [{"role": "system", "content": system_prompt}] + messages
+    return {"messages": messages}
+
+
+def load_examples(sources: list[DataSource], recipe: Recipe) -> list[dict[str, Any]]:
+    """Read and normalise every source; the format is detected per source from its first record."""
+    examples = []
+    for src in sources:
+        records = read_source(src, recipe)
+        fmt = src.format
+        if fmt == "auto":
+            fmt = detect_format(records[0].row)
+            if fmt is None:
+                raise UserError(
+                    f"{records[0].origin}: cannot tell the data format from keys {sorted(records[0].row)}; "
+                    "expected messages, conversations, instruction/output, prompt/completion or text "
+                    "(or set data.sources[].format)"
+                )
+        for rec in records:
+            examples.append(normalise(rec.row, fmt, rec.origin, recipe.data.system_prompt))
+    return examples
+
+
+# --------------------------------------------------------------------------------------------------
+# Tokenization with loss masks
+# --------------------------------------------------------------------------------------------------
+
+
+def _render(tokenizer, messages: list[dict], template: str | None, add_generation_prompt: bool) -> str:
+    return tokenizer.apply_chat_template(
+        messages, tokenize=False, add_generation_prompt=add_generation_prompt, chat_template=template
+    )
+
+
+def assistant_spans(tokenizer, messages: list[dict], template: str | None = None) -> tuple[str, list[tuple[int, int]]]:
+    """The rendered conversation and the character spans of each assistant turn (content + end-of-turn)."""
+    full = _render(tokenizer, messages, template, False)
+    spans = []
+    for i, m in enumerate(messages):
+        if m["role"] != "assistant":
+            continue
+        before = _render(tokenizer, messages[:i], template, True)
+        upto = _render(tokenizer, messages[: i + 1], template, False)
+        if not (upto.startswith(before) and full.startswith(upto)):
+            raise UserError(
+                "the chat template renders earlier turns differently once later turns are added, so the "
+                "assistant tokens cannot be located; set data.chat_template to a prefix-stable template "
+                "or data.loss_on: all"
+            )
+        end = len(upto)
+        while end > len(before) and upto[end - 1].isspace():  # the newline after <|im_end|> is not the answer
+            end -= 1
+        spans.append((len(before), end))
+    return full, spans
+
+
+def tokenize_example(tokenizer, example: dict[str, Any], template: str | None = None, loss_on: str = "assistant") -> dict:
+    """`input_ids` and `assistant_masks` (1 = the token carries loss) for one normalised example."""
+    if "text" in example:
+        ids = tokenizer(example["text"], add_special_tokens=True)["input_ids"]
+        if tokenizer.eos_token_id is not None and (not ids or ids[-1] != tokenizer.eos_token_id):
+            ids = ids + [tokenizer.eos_token_id]
+        return {"input_ids": ids, "assistant_masks": [1] * len(ids)}
+    full, spans = assistant_spans(tokenizer, example["messages"], template)
+    enc = tokenizer(full, add_special_tokens=False, return_offsets_mapping=True)
+    ids, offsets = enc["input_ids"], enc["offset_mapping"]
+    if loss_on == "all":
+        return {"input_ids": ids, "assistant_masks": [1] * len(ids)}
+    mask = [int(any(s < e_span and e > s_span for s_span, e_span in spans)) for s, e in offsets]
+    return {"input_ids": ids, "assistant_masks": mask}
+
+
+@dataclass
+class DataStats:
+    train_examples: int = 0
+    eval_examples: int = 0
+    longest: int = 0
+    truncated_examples: int = 0
+    truncated_token_share: float = 0.0
+    loss_tokens: int = 0
+    notes: list[str] = field(default_factory=list)
+
+
+def truncation_report(lengths: list[int], max_len: int) -> tuple[int, float]:
+    """How many samples exceed `max_len`, and the share of all tokens truncation would cut."""
+    over = [n for n in lengths if n > max_len]
+    total = sum(lengths)
+    cut = sum(n - max_len for n in over)
+    return len(over), (cut / total if total else 0.0)
+
+
+def split_eval(examples: list, share: float, seed: int) -> tuple[list, list]:
+    if share <= 0 or len(examples) < 2:
+        return examples, []
+    order = list(range(len(examples)))
+    random.Random(seed).shuffle(order)
+    n_eval = min(len(examples) - 1, max(1, round(len(examples) * share)))
+    held = set(order[:n_eval])
+    return [e for i, e in enumerate(examples) if i not in held], [e for i, e in enumerate(examples) if i in held]
+
+
+def tokenize_all(examples: list[dict], tokenizer, template: str | None, loss_on: str):
+    from datasets import Dataset
+
+    rows = [tokenize_example(tokenizer, ex, template, loss_on) for ex in examples]
+    return Dataset.from_dict(
+        {"input_ids": [r["input_ids"] for r in rows], "assistant_masks": [r["assistant_masks"] for r in rows]}
+    )
+
+
+def resolve_chat_template(recipe: Recipe) -> str | None:
+    """The recipe's template override: inline Jinja text or a path to a .jinja file."""
+    t = recipe.data.chat_template
+    if t is None:
+        return None
+    if "{%" not in t and "{{" not in t:
+        path = recipe.resolve_path(t)
+        if not path.is_file():
+            raise UserError(f"data.chat_template: '{t}' is neither a Jinja template nor an existing file")
+        return path.read_text(encoding="utf-8")
+    return t

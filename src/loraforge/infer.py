@@ -1,0 +1,100 @@
+"""Use a result: load base + adapter (or a merged model), generate, chat, merge."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from .errors import UserError
+
+
+def is_run_dir(path: Path) -> bool:
+    return (path / "adapter_config.json").is_file()
+
+
+def _load_run_recipe(run_dir: Path):
+    from .recipe import load_recipe
+
+    recipe_file = run_dir / "recipe.yaml"
+    if not recipe_file.is_file():
+        raise UserError(f"{run_dir}: no recipe.yaml; is this a loraforge run directory?")
+    recipe = load_recipe(recipe_file)
+    source = run_dir / "source.json"
+    if source.is_file():  # resolve relative paths against the original recipe's location
+        from pathlib import Path as _P
+
+        recipe._source = _P(json.loads(source.read_text())["recipe"])
+    return recipe
+
+
+def load_for_inference(path: str | Path, device: str | None = None):
+    """(model, tokenizer) from a run directory (base + adapter) or a merged model directory."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    path = Path(path)
+    if not path.is_dir():
+        raise UserError(f"{path}: not a directory; give a run directory or a merged model directory")
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = torch.bfloat16 if device == "cuda" and torch.cuda.is_bf16_supported() else torch.float32
+    if is_run_dir(path):
+        from peft import PeftModel
+
+        from .modeling import base_model_dir
+
+        recipe = _load_run_recipe(path)
+        base = AutoModelForCausalLM.from_pretrained(
+            base_model_dir(recipe),
+            dtype=dtype,
+            trust_remote_code=recipe.model.trust_remote_code,
+            revision=recipe.model.revision,
+            use_safetensors=True,
+        )
+        model = PeftModel.from_pretrained(base, str(path))
+        tokenizer = AutoTokenizer.from_pretrained(str(path))
+    elif (path / "config.json").is_file():
+        model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype, use_safetensors=True)
+        tokenizer = AutoTokenizer.from_pretrained(str(path))
+    else:
+        raise UserError(f"{path}: neither a run directory (adapter_config.json) nor a model (config.json)")
+    model.to(device).eval()
+    return model, tokenizer
+
+
+def generate(model, tokenizer, messages: list[dict], max_new_tokens: int = 128, temperature: float = 0.0) -> str:
+    """One assistant reply to `messages`, greedy unless temperature > 0."""
+    import torch
+
+    inputs = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt", return_dict=True)
+    inputs = {k: v.to(model.device) for k, v in inputs.items()}
+    kwargs = dict(max_new_tokens=max_new_tokens, pad_token_id=tokenizer.pad_token_id)
+    if temperature > 0:
+        kwargs.update(do_sample=True, temperature=temperature)
+    else:
+        kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None)
+    with torch.no_grad():
+        out = model.generate(**inputs, **kwargs)
+    return tokenizer.decode(out[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True).strip()
+
+
+def answer(model, tokenizer, prompt: str, max_new_tokens: int = 128, system: str | None = None) -> str:
+    messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
+    return generate(model, tokenizer, messages, max_new_tokens)
+
+
+def merge(run_dir: str | Path, out: str | Path) -> Path:
+    """Fold the adapter into the base weights and write a standalone model + tokenizer."""
+    run_dir, out = Path(run_dir), Path(out)
+    if not is_run_dir(run_dir):
+        raise UserError(f"{run_dir}: no adapter_config.json; give a run directory written by `loraforge train`")
+    if out.exists() and any(out.iterdir()):
+        raise UserError(f"{out}: exists and is not empty; choose a new --out directory")
+    import torch
+
+    model, tokenizer = load_for_inference(run_dir, device="cpu")
+    merged = model.merge_and_unload()
+    merged.to(torch.float32)
+    out.mkdir(parents=True, exist_ok=True)
+    merged.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    return out

@@ -1,0 +1,335 @@
+"""The one training entry point every launcher runs: `python -m loraforge.train RECIPE [--set k=v ...]`.
+
+recipe -> hardware -> plan -> model + data -> SFTTrainer -> run directory. Under `accelerate launch`,
+`torchrun` or `srun` each process runs this same file and computes the same plan from the same inputs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import platform
+import shutil
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from .errors import UserError
+from .recipe import Recipe, dump_recipe, load_recipe
+
+log = logging.getLogger("loraforge")
+
+LIBRARIES = ("torch", "transformers", "peft", "trl", "accelerate", "datasets", "bitsandbytes", "pydantic", "gguf")
+DONE_FILE = "train_summary.json"
+
+
+def library_versions() -> dict[str, str]:
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = {"python": platform.python_version(), "loraforge": __import__("loraforge").__version__}
+    for name in LIBRARIES:
+        try:
+            out[name] = version(name)
+        except PackageNotFoundError:
+            out[name] = "not installed"
+    return out
+
+
+@dataclass
+class RunResult:
+    run_dir: Path
+    trained: bool
+    train_loss: float | None = None
+    eval_loss: float | None = None
+    steps: int = 0
+    wall_s: float = 0.0
+    trainable_params: int = 0
+    total_params: int = 0
+    samples: list[dict] = field(default_factory=list)
+
+
+def make_plan(recipe: Recipe, hw, longest_sample: int, model_max: int | None):
+    from .planner import Plan, choose_precision, choose_seq_length, plan_batch
+
+    t = recipe.training
+    precision = choose_precision(hw.kind == "cuda", hw.bf16, recipe.model.dtype)
+    batch = plan_batch(
+        t.global_batch_size,
+        hw.world_size,
+        None if t.micro_batch_size == "auto" else t.micro_batch_size,
+        None if t.gradient_accumulation_steps == "auto" else t.gradient_accumulation_steps,
+    )
+    seq, notes = choose_seq_length(recipe.data.max_seq_length, longest_sample, model_max)
+    if t.gradient_checkpointing == "auto":
+        # Until the memory model decides (hardware profiles), checkpoint quantized runs only.
+        gc = recipe.quantization.mode != "none"
+        notes.append(f"gradient checkpointing auto -> {'on' if gc else 'off'}")
+    else:
+        gc = bool(t.gradient_checkpointing)
+    strategy = "single" if hw.world_size == 1 else "ddp"
+    return Plan(batch=batch, precision=precision, max_seq_length=seq, gradient_checkpointing=gc, strategy=strategy, notes=tuple(notes))
+
+
+
+@dataclass
+class Prepared:
+    """Everything decided before the model loads: data tokenized, plan made."""
+
+    plan: object
+    tokenizer: object
+    train_ds: object
+    eval_ds: object
+    model_dir: str
+    lengths: list[int]
+    truncated: tuple[int, float]
+
+    def data_summary(self) -> dict:
+        return {
+            "train_examples": len(self.train_ds),
+            "eval_examples": len(self.eval_ds) if self.eval_ds is not None else 0,
+            "longest_sample_tokens": max(self.lengths),
+            "train_tokens": sum(self.lengths),
+            "truncated_examples": self.truncated[0],
+            "truncated_token_share": round(self.truncated[1], 6),
+        }
+
+
+def prepare(recipe: Recipe, hw) -> Prepared:
+    """recipe + hardware -> tokenized data and the plan. Data is read first: a bad record stops the run
+    before any model is loaded."""
+    from transformers import AutoConfig
+
+    from . import data as data_mod
+    from .modeling import base_model_dir, load_tokenizer
+
+    template = data_mod.resolve_chat_template(recipe)
+    examples = data_mod.load_examples(recipe.data.sources, recipe)
+    train_ex, eval_ex = data_mod.split_eval(examples, recipe.data.eval_split, recipe.training.seed)
+    if recipe.data.eval_sources:
+        eval_ex = eval_ex + data_mod.load_examples(recipe.data.eval_sources, recipe)
+
+    model_dir = base_model_dir(recipe)
+    tokenizer = load_tokenizer(model_dir, recipe, template)
+    train_ds = data_mod.tokenize_all(train_ex, tokenizer, None, recipe.data.loss_on)
+    eval_ds = data_mod.tokenize_all(eval_ex, tokenizer, None, recipe.data.loss_on) if eval_ex else None
+    lengths = [len(x) for x in train_ds["input_ids"]]
+
+    config = AutoConfig.from_pretrained(
+        model_dir, trust_remote_code=recipe.model.trust_remote_code, revision=recipe.model.revision
+    )
+    model_max = getattr(config, "max_position_embeddings", None)
+    plan = make_plan(recipe, hw, max(lengths), model_max)
+    if model_max and plan.max_seq_length > model_max:
+        raise UserError(
+            f"data.max_seq_length: {plan.max_seq_length} is beyond the model's context of {model_max} tokens; "
+            f"set it to {model_max} or less (or auto)"
+        )
+    truncated = data_mod.truncation_report(lengths, plan.max_seq_length)
+    if truncated[0]:
+        log.warning(
+            "%d of %d samples are longer than max_seq_length %d; truncation cuts %.1f%% of the tokens",
+            truncated[0], len(lengths), plan.max_seq_length, 100 * truncated[1],
+        )
+    return Prepared(plan, tokenizer, train_ds, eval_ds, model_dir, lengths, truncated)
+
+
+def prepare_run_dir(recipe: Recipe, overwrite: bool, is_main: bool) -> tuple[Path, bool]:
+    """Create the run directory; (path, already complete). A different recipe in a used directory stops."""
+    run_dir = Path(recipe.output_dir).expanduser()
+    existing = run_dir / "recipe.yaml"
+    if run_dir.exists() and any(run_dir.iterdir()):
+        if overwrite:
+            if is_main:
+                shutil.rmtree(run_dir)
+        elif existing.is_file():
+            import yaml
+
+            if yaml.safe_load(existing.read_text()) != recipe.to_dict():
+                raise UserError(
+                    f"{run_dir}: holds a run of a different recipe; use --overwrite to replace it, "
+                    "or set output_dir to a new directory"
+                )
+        else:
+            raise UserError(f"{run_dir}: exists and is not a loraforge run; use --overwrite or a new output_dir")
+    done = (run_dir / DONE_FILE).is_file() and not overwrite
+    return run_dir, done
+
+
+def _write_json(path: Path, obj) -> None:
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=2, default=str) + "\n")
+    os.replace(tmp, path)
+
+
+def sft_config(recipe: Recipe, plan, run_dir: Path, quiet: bool):
+    from trl import SFTConfig
+
+    t = recipe.training
+    report = recipe.tracking.backend
+    if report == "tensorboard":
+        os.environ.setdefault("TENSORBOARD_LOGGING_DIR", str(run_dir / "tensorboard"))
+    has_eval = recipe.data.eval_split > 0 or bool(recipe.data.eval_sources)
+    return SFTConfig(
+        output_dir=str(run_dir / "checkpoints"),
+        per_device_train_batch_size=plan.batch.micro_batch_size,
+        per_device_eval_batch_size=plan.batch.micro_batch_size,
+        gradient_accumulation_steps=plan.batch.gradient_accumulation_steps,
+        num_train_epochs=t.epochs,
+        max_steps=t.max_steps,
+        learning_rate=t.learning_rate,
+        lr_scheduler_type=t.lr_scheduler,
+        warmup_steps=t.warmup,
+        weight_decay=t.weight_decay,
+        max_grad_norm=t.max_grad_norm,
+        optim=t.optimizer,
+        seed=t.seed,
+        data_seed=t.seed,
+        bf16=plan.precision.bf16,
+        fp16=plan.precision.fp16,
+        use_cpu=plan.precision.use_cpu,
+        gradient_checkpointing=plan.gradient_checkpointing,
+        gradient_checkpointing_kwargs={"use_reentrant": False},
+        ddp_find_unused_parameters=False,
+        max_length=plan.max_seq_length,
+        packing=recipe.data.packing,
+        logging_steps=t.logging_steps,
+        logging_first_step=True,
+        eval_strategy=("steps" if t.eval_steps else "no") if has_eval else "no",
+        eval_steps=t.eval_steps,
+        save_strategy="steps" if t.save_steps else "no",
+        save_steps=t.save_steps or 500,
+        save_total_limit=t.save_total_limit,
+        report_to=report,
+        run_name=recipe.tracking.run_name or run_dir.name,
+        disable_tqdm=quiet,
+        dataloader_num_workers=0,
+        dataset_num_proc=None,
+    )
+
+
+def run(recipe: Recipe, overwrite: bool = False, quiet: bool = False) -> RunResult:
+    """Train `recipe` end to end in this process (one of possibly many ranks)."""
+    from .hardware import detect
+
+    t0 = time.time()
+    if recipe.training.device == "gpu":
+        import torch
+
+        if not torch.cuda.is_available():
+            raise UserError("training.device: gpu, but no CUDA GPU is visible; use device: auto or cpu")
+    hw = detect(force_cpu=recipe.training.device == "cpu")
+    is_main = hw.rank == 0
+    run_dir, done = prepare_run_dir(recipe, overwrite, is_main)
+
+    if done:
+        log.info("%s already holds a finished run of this recipe; not training again (use --overwrite)", run_dir)
+        summary = json.loads((run_dir / DONE_FILE).read_text())
+        result = RunResult(run_dir, trained=False, train_loss=summary.get("train_loss"),
+                           eval_loss=summary.get("eval_loss"), steps=summary.get("steps", 0))
+        if recipe.samples.prompts and is_main:
+            result.samples = compare_samples(recipe, run_dir)
+        return result
+
+    prep = prepare(recipe, hw)
+    plan, tokenizer = prep.plan, prep.tokenizer
+    from .modeling import add_lora, load_base_model
+
+    model = load_base_model(
+        prep.model_dir, recipe, plan.precision.model_dtype,
+        device_map={"": hw.local_rank} if hw.kind == "cuda" else None,
+    )
+    model, trainable, total = add_lora(model, recipe, plan.gradient_checkpointing)
+    log.info("LoRA: %s trainable of %s parameters (%.2f%%)", f"{trainable:,}", f"{total:,}", 100 * trainable / total)
+
+    # Only now, with data, plan and model all valid, does the run directory get written.
+    if is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "recipe.yaml").write_text(dump_recipe(recipe))
+        _write_json(run_dir / "source.json", {"recipe": str(recipe.source) if recipe.source else None})
+        _write_json(run_dir / "plan.json", plan.to_dict() | {"hardware": hw.to_dict(), "data": prep.data_summary()})
+        _write_json(run_dir / "versions.json", library_versions())
+
+    from trl import SFTTrainer
+
+    from .callbacks import MetricsFile
+
+    metrics = MetricsFile(run_dir / "metrics.jsonl")
+    trainer = SFTTrainer(
+        model=model,
+        args=sft_config(recipe, plan, run_dir, quiet),
+        train_dataset=prep.train_ds,
+        eval_dataset=prep.eval_ds,
+        processing_class=tokenizer,
+        callbacks=[metrics],
+    )
+    from transformers.trainer_utils import get_last_checkpoint
+
+    ckpt_dir = run_dir / "checkpoints"
+    last = get_last_checkpoint(str(ckpt_dir)) if ckpt_dir.is_dir() else None
+    if last:
+        log.info("resuming from %s", last)
+    out = trainer.train(resume_from_checkpoint=last)
+    eval_loss = None
+    if prep.eval_ds is not None:
+        eval_loss = trainer.evaluate().get("eval_loss")
+
+    result = RunResult(
+        run_dir, trained=True, train_loss=out.training_loss, eval_loss=eval_loss,
+        steps=trainer.state.global_step, wall_s=time.time() - t0, trainable_params=trainable, total_params=total,
+    )
+    if trainer.is_world_process_zero():
+        trainer.save_model(str(run_dir))  # adapter + tokenizer
+        tokenizer.save_pretrained(str(run_dir))
+        _write_json(
+            run_dir / DONE_FILE,
+            {
+                "train_loss": result.train_loss, "eval_loss": eval_loss, "steps": result.steps,
+                "wall_s": round(result.wall_s, 1), "trainable_params": trainable, "total_params": total,
+            },
+        )
+        if recipe.samples.prompts:
+            result.samples = compare_samples(recipe, run_dir, tokenizer, model=trainer.model)
+    trainer.accelerator.wait_for_everyone()
+    return result
+
+
+def compare_samples(recipe: Recipe, run_dir: Path, tokenizer=None, model=None) -> list[dict]:
+    """Answer the recipe's sample prompts with the base model (adapter off) and the fine-tuned one."""
+    from .infer import answer, load_for_inference
+
+    if model is None:
+        model, tokenizer = load_for_inference(run_dir)
+    model.eval()
+    n = recipe.samples.max_new_tokens
+    rows = []
+    for prompt in recipe.samples.prompts:
+        with model.disable_adapter():
+            base = answer(model, tokenizer, prompt, n, recipe.data.system_prompt)
+        tuned = answer(model, tokenizer, prompt, n, recipe.data.system_prompt)
+        rows.append({"prompt": prompt, "base": base, "fine_tuned": tuned})
+    _write_json(run_dir / "samples.json", rows)
+    return rows
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m loraforge.train", description=__doc__.splitlines()[0])
+    parser.add_argument("recipe")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY.PATH=VALUE")
+    parser.add_argument("--overwrite", action="store_true")
+    parser.add_argument("--quiet", action="store_true")
+    args = parser.parse_args(argv)
+    from .cli import run_guarded
+    from .resources import find_recipe
+
+    def _go():
+        recipe = load_recipe(find_recipe(args.recipe), args.overrides)
+        run(recipe, overwrite=args.overwrite, quiet=args.quiet)
+
+    return run_guarded(_go)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
