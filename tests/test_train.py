@@ -112,3 +112,26 @@ def test_qlora_without_gpu_is_refused(make_recipe):
     recipe = load_recipe(make_recipe(), ["quantization.mode=4bit"])
     with pytest.raises(UserError, match="quantization.mode: 4bit needs bitsandbytes on an NVIDIA GPU"):
         run(recipe, quiet=True)
+
+
+def test_packed_sequences_do_not_attend_across_boundaries(tiny_model_dir):
+    """trl's bfd packing concatenates samples with restarting position_ids; in training (no cache) the
+    attention kernels loraforge uses must keep each sample to itself, or packing would be wrong."""
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    a, b = torch.randint(5, 300, (1, 7)), torch.randint(5, 300, (1, 5))
+    positions = torch.cat([torch.arange(7), torch.arange(5)])[None]
+    for impl in ("sdpa", "eager"):
+        m = AutoModelForCausalLM.from_pretrained(tiny_model_dir, attn_implementation=impl).eval()
+        with torch.no_grad():
+            alone = torch.cat([m(a, use_cache=False).logits, m(b, use_cache=False).logits], dim=1)
+            packed = m(input_ids=torch.cat([a, b], 1), position_ids=positions, use_cache=False).logits
+        torch.testing.assert_close(packed, alone, atol=1e-4, rtol=1e-4)
+
+
+def test_packing_trains(make_recipe):
+    recipe = load_recipe(make_recipe(), ["data.packing=true", "training.max_steps=4"])
+    result = run(recipe, quiet=True)
+    assert result.trained and result.steps == 4
+    assert result.train_loss is not None and result.train_loss == result.train_loss  # not NaN

@@ -27,7 +27,7 @@ err_console = Console(stderr=True)
 SET_HELP = "Override a recipe field, e.g. --set training.learning_rate=1e-4 (repeatable)."
 
 
-def _quiet_libraries() -> None:
+def quiet_libraries() -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
     logging.basicConfig(level=logging.INFO, format="[loraforge] %(message)s")
@@ -38,6 +38,7 @@ def _quiet_libraries() -> None:
         import datasets
 
         transformers.logging.set_verbosity_error()
+        transformers.logging.disable_progress_bar()
         datasets.disable_progress_bars()
         datasets.logging.set_verbosity_error()
     except ImportError:
@@ -111,7 +112,7 @@ def train(
     quiet: bool = typer.Option(False, help="No progress bar."),
 ):
     """Train RECIPE in this process (for several processes use `loraforge launch` or `accelerate launch`)."""
-    _quiet_libraries()
+    quiet_libraries()
 
     def go():
         from .train import run
@@ -138,7 +139,7 @@ def plan(
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),
 ):
     """Show what a run would do: the resolved recipe (every default) and the plan for this hardware."""
-    _quiet_libraries()
+    quiet_libraries()
 
     def go():
         from .hardware import detect
@@ -178,7 +179,7 @@ def generate(
     system: Optional[str] = typer.Option(None, help="System prompt."),
 ):
     """Answer one or more prompts with a fine-tuned run or a merged model."""
-    _quiet_libraries()
+    quiet_libraries()
 
     def go():
         from .infer import answer, load_for_inference
@@ -198,7 +199,7 @@ def chat(
     temperature: float = typer.Option(0.0),
 ):
     """Chat interactively (empty line or /exit to leave, /reset to forget the conversation)."""
-    _quiet_libraries()
+    quiet_libraries()
 
     def go():
         from .infer import generate as gen, load_for_inference
@@ -230,7 +231,7 @@ def merge(
     out: Path = typer.Option(..., "--out", help="New directory for the merged model + tokenizer."),
 ):
     """Fold the adapter into the base model; plain transformers loads the result."""
-    _quiet_libraries()
+    quiet_libraries()
 
     def go():
         from .infer import merge as do_merge

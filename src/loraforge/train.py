@@ -190,8 +190,8 @@ def sft_config(recipe: Recipe, plan, run_dir: Path, quiet: bool):
         bf16=plan.precision.bf16,
         fp16=plan.precision.fp16,
         use_cpu=plan.precision.use_cpu,
-        gradient_checkpointing=plan.gradient_checkpointing,
-        gradient_checkpointing_kwargs={"use_reentrant": False},
+        activation_checkpointing=plan.gradient_checkpointing,
+        activation_checkpointing_kwargs={"use_reentrant": False},
         ddp_find_unused_parameters=False,
         max_length=plan.max_seq_length,
         packing=recipe.data.packing,
@@ -242,7 +242,8 @@ def run(recipe: Recipe, overwrite: bool = False, quiet: bool = False) -> RunResu
         device_map={"": hw.local_rank} if hw.kind == "cuda" else None,
     )
     model, trainable, total = add_lora(model, recipe, plan.gradient_checkpointing)
-    log.info("LoRA: %s trainable of %s parameters (%.2f%%)", f"{trainable:,}", f"{total:,}", 100 * trainable / total)
+    if is_main:
+        log.info("LoRA: %s trainable of %s parameters (%.2f%%)", f"{trainable:,}", f"{total:,}", 100 * trainable / total)
 
     # Only now, with data, plan and model all valid, does the run directory get written.
     if is_main:
@@ -283,6 +284,7 @@ def run(recipe: Recipe, overwrite: bool = False, quiet: bool = False) -> RunResu
     if trainer.is_world_process_zero():
         trainer.save_model(str(run_dir))  # adapter + tokenizer
         tokenizer.save_pretrained(str(run_dir))
+        (run_dir / "training_args.bin").unlink(missing_ok=True)  # a pickle; recipe.yaml + plan.json say it all
         _write_json(
             run_dir / DONE_FILE,
             {
@@ -321,7 +323,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--overwrite", action="store_true")
     parser.add_argument("--quiet", action="store_true")
     args = parser.parse_args(argv)
-    from .cli import run_guarded
+    from .cli import quiet_libraries, run_guarded
+
+    quiet_libraries()
     from .resources import find_recipe
 
     def _go():
