@@ -25,3 +25,47 @@ class MetricsFile(TrainerCallback):
         self.history.append(record)
         with open(self.path, "a", encoding="utf-8") as f:
             f.write(json.dumps(record) + "\n")
+
+
+class NonFiniteGuard(TrainerCallback):
+    """Stop (or skip the update) when the gradients of a step are NaN/inf.
+
+    Checked just before the optimizer step, after DDP has averaged the gradients, so every rank sees
+    the same values and takes the same decision (no rank is left waiting). A skipped step leaves the
+    LoRA weights and optimizer state untouched: the gradients are dropped, so the optimizer ignores
+    them. Under fp16, the gradient scaler already skips overflowing steps; the guard then only stops
+    after `max_skipped` of them in a row.
+    """
+
+    def __init__(self, policy: str = "stop", max_skipped: int = 10, checkpoint_root: Path | None = None):
+        self.policy = policy
+        self.max_skipped = max_skipped
+        self.checkpoint_root = checkpoint_root
+        self.skipped = 0
+
+    def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs):
+        import torch
+
+        grads = [p.grad for p in model.parameters() if p.requires_grad and p.grad is not None]
+        finite = bool(torch.stack([torch.isfinite(g).all() for g in grads]).all()) if grads else True
+        if finite:
+            return
+        step = state.global_step + 1
+        self.skipped += 1
+        if self.policy == "stop" or self.skipped > self.max_skipped:
+            from .checkpoints import latest_complete
+            from .errors import UserError
+
+            last = latest_complete(self.checkpoint_root) if self.checkpoint_root else None
+            kept = f"the last good checkpoint is {last}" if last else "no checkpoint was saved yet"
+            raise UserError(
+                f"step {step}: the loss or gradients became NaN/inf (after {self.skipped} bad step(s)); stopped, "
+                f"{kept}. Lower training.learning_rate, check the data, or set training.on_nonfinite: skip"
+            )
+        if args.fp16:
+            return  # the GradScaler skips this step itself
+        for p in model.parameters():
+            p.grad = None
+        import logging
+
+        logging.getLogger("loraforge").warning("step %d: non-finite gradients, update skipped (%d so far)", step, self.skipped)

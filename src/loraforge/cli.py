@@ -31,6 +31,9 @@ def quiet_libraries() -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
     logging.basicConfig(level=logging.INFO, format="[loraforge] %(message)s")
+    from .secrets import install_log_filter
+
+    install_log_filter()
     for name in ("transformers", "datasets", "peft", "trl", "accelerate", "httpx", "urllib3"):
         logging.getLogger(name).setLevel(logging.ERROR)
     try:

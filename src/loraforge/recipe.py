@@ -118,6 +118,8 @@ class TrainingSection(_Strict):
     save_steps: int | None = Field(None, ge=1, description="Checkpoint every N steps (default: at the end only).")
     save_total_limit: int = Field(2, ge=1)
     device: Literal["auto", "cpu", "gpu"] = Field("auto", description="cpu forces CPU training, even with a GPU.")
+    on_nonfinite: Literal["stop", "skip"] = Field("stop", description="A NaN/inf loss or gradient: stop, or skip the update.")
+    max_skipped_steps: int = Field(10, ge=0, description="With on_nonfinite: skip, stop after this many bad steps.")
 
     @field_validator("micro_batch_size", "gradient_accumulation_steps")
     @classmethod

@@ -19,6 +19,7 @@ from pathlib import Path
 
 from .errors import UserError
 from .recipe import Recipe, dump_recipe, load_recipe
+from .secrets import redact
 
 log = logging.getLogger("loraforge")
 
@@ -159,8 +160,9 @@ def prepare_run_dir(recipe: Recipe, overwrite: bool, is_main: bool) -> tuple[Pat
 
 
 def _write_json(path: Path, obj) -> None:
+    """Atomically, and with any secret value masked."""
     tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2, default=str) + "\n")
+    tmp.write_text(redact(json.dumps(obj, indent=2, default=str)) + "\n")
     os.replace(tmp, path)
 
 
@@ -237,6 +239,9 @@ def run(recipe: Recipe, overwrite: bool = False, quiet: bool = False) -> RunResu
     plan, tokenizer = prep.plan, prep.tokenizer
     from .modeling import add_lora, load_base_model
 
+    from transformers import set_seed
+
+    set_seed(recipe.training.seed)  # LoRA's A matrices are random: the same recipe must start from the same weights
     model = load_base_model(
         prep.model_dir, recipe, plan.precision.model_dtype,
         device_map={"": hw.local_rank} if hw.kind == "cuda" else None,
@@ -248,31 +253,34 @@ def run(recipe: Recipe, overwrite: bool = False, quiet: bool = False) -> RunResu
     # Only now, with data, plan and model all valid, does the run directory get written.
     if is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / "recipe.yaml").write_text(dump_recipe(recipe))
+        (run_dir / "recipe.yaml").write_text(redact(dump_recipe(recipe)))
         _write_json(run_dir / "source.json", {"recipe": str(recipe.source) if recipe.source else None})
         _write_json(run_dir / "plan.json", plan.to_dict() | {"hardware": hw.to_dict(), "data": prep.data_summary()})
         _write_json(run_dir / "versions.json", library_versions())
 
-    from trl import SFTTrainer
+    from .callbacks import MetricsFile, NonFiniteGuard
+    from .checkpoints import clean_incomplete, latest_complete, make_trainer_class
 
-    from .callbacks import MetricsFile
-
-    metrics = MetricsFile(run_dir / "metrics.jsonl")
-    trainer = SFTTrainer(
+    ckpt_dir = run_dir / "checkpoints"
+    if is_main:
+        for leftover in clean_incomplete(ckpt_dir):
+            log.info("removed incomplete checkpoint %s", leftover)
+    trainer = make_trainer_class()(
         model=model,
         args=sft_config(recipe, plan, run_dir, quiet),
         train_dataset=prep.train_ds,
         eval_dataset=prep.eval_ds,
         processing_class=tokenizer,
-        callbacks=[metrics],
+        callbacks=[
+            MetricsFile(run_dir / "metrics.jsonl"),
+            NonFiniteGuard(recipe.training.on_nonfinite, recipe.training.max_skipped_steps, ckpt_dir),
+        ],
     )
-    from transformers.trainer_utils import get_last_checkpoint
-
-    ckpt_dir = run_dir / "checkpoints"
-    last = get_last_checkpoint(str(ckpt_dir)) if ckpt_dir.is_dir() else None
-    if last:
+    trainer.accelerator.wait_for_everyone()  # the main process has cleaned up before anyone looks
+    last = latest_complete(ckpt_dir)
+    if last and is_main:
         log.info("resuming from %s", last)
-    out = trainer.train(resume_from_checkpoint=last)
+    out = trainer.train(resume_from_checkpoint=str(last) if last else None)
     eval_loss = None
     if prep.eval_ds is not None:
         eval_loss = trainer.evaluate().get("eval_loss")
