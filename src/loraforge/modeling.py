@@ -123,7 +123,7 @@ CHATML = (
 )
 
 
-def bnb_config(q: QuantizationSection, compute_dtype: str):
+def bnb_config(q: QuantizationSection, compute_dtype: str, quant_storage: str | None = None):
     if q.mode == "none":
         return None
     import torch
@@ -143,15 +143,17 @@ def bnb_config(q: QuantizationSection, compute_dtype: str):
         bnb_4bit_quant_type=q.quant_type,
         bnb_4bit_use_double_quant=q.double_quant,
         bnb_4bit_compute_dtype=getattr(torch, dtype),
+        # FSDP shards flat tensors of one dtype: store the 4-bit weights in the compute dtype (FSDP+QLoRA).
+        bnb_4bit_quant_storage=getattr(torch, quant_storage) if quant_storage else torch.uint8,
     )
 
 
-def load_base_model(model_dir: str, recipe: Recipe, dtype: str, device_map=None):
+def load_base_model(model_dir: str, recipe: Recipe, dtype: str, device_map=None, quant_storage: str | None = None):
     """The base model, with safetensors only (never unpickled) and remote code off unless the recipe allows it."""
     import torch
     from transformers import AutoModelForCausalLM
 
-    quant = bnb_config(recipe.quantization, dtype)
+    quant = bnb_config(recipe.quantization, dtype, quant_storage)
     attn = None if recipe.model.attn_implementation == "auto" else recipe.model.attn_implementation
     kwargs = dict(
         revision=recipe.model.revision,

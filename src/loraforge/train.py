@@ -70,7 +70,10 @@ def make_plan(recipe: Recipe, hw, longest_sample: int, model_max: int | None):
         notes.append(f"gradient checkpointing auto -> {'on' if gc else 'off'}")
     else:
         gc = bool(t.gradient_checkpointing)
-    strategy = "single" if hw.world_size == 1 else "ddp"
+    from .launch import check_supported, strategy_from_env
+
+    strategy = strategy_from_env() if hw.world_size > 1 else "single"
+    check_supported(strategy, recipe.quantization.mode != "none")
     return Plan(batch=batch, precision=precision, max_seq_length=seq, gradient_checkpointing=gc, strategy=strategy, notes=tuple(notes))
 
 
@@ -244,7 +247,9 @@ def run(recipe: Recipe, overwrite: bool = False, quiet: bool = False) -> RunResu
     set_seed(recipe.training.seed)  # LoRA's A matrices are random: the same recipe must start from the same weights
     model = load_base_model(
         prep.model_dir, recipe, plan.precision.model_dtype,
-        device_map={"": hw.local_rank} if hw.kind == "cuda" else None,
+        # DDP: each rank's quantized copy on its own GPU. FSDP / ZeRO-3 place (and shard) the weights themselves.
+        device_map={"": hw.local_rank} if hw.kind == "cuda" and plan.strategy in ("single", "ddp") else None,
+        quant_storage=plan.precision.model_dtype if plan.strategy == "fsdp" else None,
     )
     model, trainable, total = add_lora(model, recipe, plan.gradient_checkpointing)
     if is_main:
@@ -289,8 +294,8 @@ def run(recipe: Recipe, overwrite: bool = False, quiet: bool = False) -> RunResu
         run_dir, trained=True, train_loss=out.training_loss, eval_loss=eval_loss,
         steps=trainer.state.global_step, wall_s=time.time() - t0, trainable_params=trainable, total_params=total,
     )
+    trainer.save_model(str(run_dir))  # every rank: ZeRO-3 / FSDP gather the adapter together; rank 0 writes
     if trainer.is_world_process_zero():
-        trainer.save_model(str(run_dir))  # adapter + tokenizer
         tokenizer.save_pretrained(str(run_dir))
         (run_dir / "training_args.bin").unlink(missing_ok=True)  # a pickle; recipe.yaml + plan.json say it all
         _write_json(
@@ -301,7 +306,9 @@ def run(recipe: Recipe, overwrite: bool = False, quiet: bool = False) -> RunResu
             },
         )
         if recipe.samples.prompts:
-            result.samples = compare_samples(recipe, run_dir, tokenizer, model=trainer.model)
+            # One process: the model in memory. Several: a fresh copy (sharded weights cannot generate on one rank).
+            in_memory = trainer.model if hw.world_size == 1 else None
+            result.samples = compare_samples(recipe, run_dir, tokenizer, model=in_memory)
     trainer.accelerator.wait_for_everyone()
     return result
 

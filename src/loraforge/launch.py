@@ -1,0 +1,146 @@
+"""`loraforge launch`: choose a strategy, compose the `accelerate launch` command, run it in-process.
+
+Composition is pure (`choose_strategy`, `accelerate_args`), so the exact command for a machine you
+are not on (8 GPUs x 2 nodes) is tested on a laptop. Running it calls accelerate's own launcher in
+this process, as trl's CLI does: `launch_command(launch_command_parser().parse_args(args))`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shlex
+from dataclasses import dataclass
+from pathlib import Path
+
+from .errors import UserError
+from .resources import shipped_dir
+
+STRATEGIES = ("single", "ddp", "fsdp", "zero2", "zero3", "zero3-offload")
+_CONFIG = {
+    "single": "single_gpu",
+    "ddp": "ddp",
+    "fsdp": "fsdp",
+    "zero2": "zero2",
+    "zero3": "zero3",
+    "zero3-offload": "zero3_offload",
+}
+SHARDS_BASE = ("fsdp", "zero3", "zero3-offload")
+
+
+def choose_strategy(requested: str, world_size: int, quantized: bool, fits_replicated: bool | None = None) -> tuple[str, str]:
+    """(strategy, why). `fits_replicated`: does the whole base + a step fit on one device (the plan's verdict)."""
+    if requested != "auto":
+        if requested not in STRATEGIES:
+            raise UserError(f"--strategy {requested}: use one of auto, {', '.join(STRATEGIES)}")
+        check_supported(requested, quantized)
+        if requested == "single" and world_size > 1:
+            raise UserError(f"--strategy single runs one process, but {world_size} were asked; use ddp")
+        return requested, "as asked"
+    if world_size == 1:
+        return "single", "one process"
+    if fits_replicated is None or fits_replicated:
+        return "ddp", "the model fits on one device: replicate it (DDP)"
+    if quantized:
+        return "fsdp", "the quantized base does not fit on one device: shard it with FSDP (QLoRA-compatible)"
+    return "zero3", "the base does not fit on one device: shard weights, gradients and optimizer with ZeRO-3"
+
+
+def check_supported(strategy: str, quantized: bool) -> None:
+    if quantized and strategy in ("zero3", "zero3-offload"):
+        raise UserError(
+            f"strategy {strategy} with a quantized (QLoRA) base is not supported by peft/DeepSpeed; "
+            "use --strategy fsdp (FSDP + QLoRA) or quantization.mode: none"
+        )
+
+
+def strategy_from_env(environ=None) -> str:
+    """The strategy this process was launched with, read from accelerate's environment variables."""
+    env = os.environ if environ is None else environ
+    world = int(env.get("WORLD_SIZE", "1") or 1)
+    if env.get("ACCELERATE_USE_DEEPSPEED", "").lower() == "true":
+        stage = env.get("ACCELERATE_DEEPSPEED_ZERO_STAGE")
+        offload = False
+        cfg_file = env.get("ACCELERATE_DEEPSPEED_CONFIG_FILE")
+        if cfg_file and Path(cfg_file).is_file():
+            try:
+                zero = json.loads(Path(cfg_file).read_text()).get("zero_optimization", {})
+                stage = stage or str(zero.get("stage", ""))
+                offload = zero.get("offload_optimizer", {}).get("device", "none") != "none" or zero.get(
+                    "offload_param", {}
+                ).get("device", "none") != "none"
+            except (OSError, ValueError):
+                pass
+        if stage == "3":
+            return "zero3-offload" if offload else "zero3"
+        return f"zero{stage}" if stage in ("1", "2") else "zero2"
+    if env.get("ACCELERATE_USE_FSDP", "").lower() == "true":
+        return "fsdp"
+    return "ddp" if world > 1 else "single"
+
+
+@dataclass(frozen=True)
+class Topology:
+    processes_per_node: int
+    nodes: int = 1
+    node_rank: int = 0
+    main_ip: str | None = None
+    main_port: int = 29500
+    cpu: bool = False
+
+    @property
+    def world_size(self) -> int:
+        return self.processes_per_node * self.nodes
+
+
+def config_file(strategy: str, nodes: int) -> Path:
+    name = _CONFIG[strategy] + ("_multinode" if nodes > 1 and strategy != "single" else "")
+    return shipped_dir("accelerate_configs") / f"{name}.yaml"
+
+
+def accelerate_args(
+    strategy: str, topo: Topology, gradient_accumulation_steps: int, recipe: str, overrides: list[str] | tuple = ()
+) -> list[str]:
+    """The arguments of `accelerate launch` (without the program name) for this strategy and topology."""
+    if topo.nodes > 1 and not topo.main_ip:
+        raise UserError("--nodes > 1 needs --main-ip (the address of node 0) and --node-rank on each node")
+    if not 0 <= topo.node_rank < topo.nodes:
+        raise UserError(f"--node-rank {topo.node_rank}: must be between 0 and {topo.nodes - 1}")
+    args = ["--config_file", str(config_file(strategy, topo.nodes))]
+    if strategy != "single":
+        args += ["--num_processes", str(topo.world_size), "--num_machines", str(topo.nodes)]
+        if strategy == "ddp":
+            args += ["--multi_gpu"]  # also what makes 2 CPU processes (not --cpu, which starts one)
+    else:
+        args += ["--num_processes", "1", "--num_machines", "1"]
+    if topo.nodes > 1:
+        args += [
+            "--machine_rank", str(topo.node_rank),
+            "--main_process_ip", str(topo.main_ip),
+            "--main_process_port", str(topo.main_port),
+            "--rdzv_backend", "static",  # each node states its own rank: no same_network/c10d endpoint trap
+        ]
+    elif strategy != "single":
+        args += ["--main_process_port", str(topo.main_port)]
+    if strategy.startswith("zero"):
+        ds = shipped_dir("accelerate_configs") / "deepspeed" / f"{_CONFIG[strategy]}.json"
+        args += ["--use_deepspeed", "--deepspeed_config_file", str(ds), "--zero3_init_flag",
+                 "true" if strategy != "zero2" else "false"]
+    else:
+        # DeepSpeed's JSON takes accumulation from the Trainer ("auto"); for the others tell accelerate too.
+        args += ["--gradient_accumulation_steps", str(gradient_accumulation_steps)]
+    args += ["--mixed_precision", "no", "--dynamo_backend", "no", "-m", "loraforge.train", recipe]
+    for o in overrides:
+        args += ["--set", o]
+    return args
+
+
+def render_command(args: list[str]) -> str:
+    return "accelerate launch " + " ".join(shlex.quote(a) for a in args)
+
+
+def run_accelerate(args: list[str]) -> None:
+    """Start the processes with accelerate's launcher, in this process (as `accelerate launch` would)."""
+    from accelerate.commands.launch import launch_command, launch_command_parser
+
+    launch_command(launch_command_parser().parse_args(args))

@@ -1,0 +1,237 @@
+"""Launch anywhere: configs parse, commands are right for machines we are not on, and the same recipe
+trains the same adapter on 1 process, 2 DDP processes, and DeepSpeed ZeRO-2/ZeRO-3 on 2 processes."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+from safetensors.torch import load_file
+
+from conftest import chat_records, recipe_dict, write_jsonl
+from loraforge.errors import UserError
+from loraforge.launch import (
+    STRATEGIES,
+    Topology,
+    accelerate_args,
+    check_supported,
+    choose_strategy,
+    config_file,
+    render_command,
+    strategy_from_env,
+)
+from loraforge.resources import shipped_dir
+
+CONFIGS = sorted(shipped_dir("accelerate_configs").glob("*.yaml"))
+DS_JSONS = sorted((shipped_dir("accelerate_configs") / "deepspeed").glob("*.json"))
+
+
+def test_every_strategy_has_single_and_multinode_configs():
+    names = {p.name for p in CONFIGS}
+    for s in STRATEGIES:
+        assert config_file(s, 1).name in names
+        assert config_file(s, 2).name in names
+    assert len(DS_JSONS) == 3
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
+def test_accelerate_parses_every_config(path, monkeypatch):
+    from accelerate.commands.launch import _validate_launch_command, launch_command_parser
+
+    monkeypatch.chdir(shipped_dir("accelerate_configs").parent)  # DeepSpeed JSON paths are repo-relative
+    args = launch_command_parser().parse_args(["--config_file", str(path), "train.py"])
+    args, defaults, _ = _validate_launch_command(args)
+    raw = yaml.safe_load(path.read_text())
+    assert defaults.distributed_type.value == raw["distributed_type"]
+    assert args.num_machines == raw["num_machines"]
+    if raw["distributed_type"] == "DEEPSPEED":
+        assert Path(defaults.deepspeed_config["deepspeed_config_file"]).is_file()
+    if raw["distributed_type"] == "FSDP":
+        assert defaults.fsdp_config["fsdp_version"] == 2
+        assert defaults.fsdp_config["fsdp_cpu_ram_efficient_loading"] is True
+        assert defaults.fsdp_config["fsdp_state_dict_type"] == "SHARDED_STATE_DICT"
+
+
+@pytest.mark.parametrize("path", DS_JSONS, ids=lambda p: p.name)
+def test_deepspeed_accepts_every_json_once_the_trainer_fills_auto(path, tmp_path, tiny_model_dir):
+    """The same path the Trainer takes: HF fills the "auto" values, then DeepSpeed's own config class."""
+    from deepspeed.runtime.config import DeepSpeedConfig
+    from transformers import AutoModelForCausalLM, TrainingArguments
+    from transformers.integrations.deepspeed import HfTrainerDeepSpeedConfig
+
+    args = TrainingArguments(output_dir=str(tmp_path), per_device_train_batch_size=2, gradient_accumulation_steps=4,
+                             use_cpu=True, max_grad_norm=0.5)
+    from transformers.integrations.deepspeed import unset_hf_deepspeed_config
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)  # before: a ZeRO-3 config switches loading to zero.Init
+    hf = HfTrainerDeepSpeedConfig(str(path))
+    try:
+        hf.trainer_config_process(args)
+        hf.trainer_config_finalize(args, model, num_training_steps=10)
+        ds = DeepSpeedConfig(hf.config)
+    finally:
+        unset_hf_deepspeed_config()  # the config registers itself globally
+    stage = json.loads(path.read_text())["zero_optimization"]["stage"]
+    assert ds.zero_optimization_stage == stage
+    assert ds.train_micro_batch_size_per_gpu == 2 and ds.gradient_accumulation_steps == 4
+    assert ds.gradient_clipping == 0.5
+    assert (ds.zero_config.offload_optimizer is not None) == ("offload" in path.name)
+
+
+def test_strategy_choice():
+    assert choose_strategy("auto", 1, quantized=False) == ("single", "one process")
+    assert choose_strategy("auto", 8, quantized=False, fits_replicated=True)[0] == "ddp"
+    assert choose_strategy("auto", 8, quantized=True, fits_replicated=False)[0] == "fsdp"
+    assert choose_strategy("auto", 8, quantized=False, fits_replicated=False)[0] == "zero3"
+    assert choose_strategy("zero2", 8, quantized=False)[0] == "zero2"
+
+
+@pytest.mark.parametrize("strategy", ["zero3", "zero3-offload"])
+def test_qlora_with_zero3_is_refused_pointing_to_fsdp(strategy):
+    with pytest.raises(UserError, match="not supported by peft/DeepSpeed; use --strategy fsdp"):
+        check_supported(strategy, quantized=True)
+    with pytest.raises(UserError, match="use --strategy fsdp"):
+        choose_strategy(strategy, 8, quantized=True)
+
+
+def test_strategy_is_read_back_from_accelerate_environment(tmp_path):
+    ds3 = shipped_dir("accelerate_configs") / "deepspeed" / "zero3_offload.json"
+    assert strategy_from_env({"WORLD_SIZE": "1"}) == "single"
+    assert strategy_from_env({"WORLD_SIZE": "2"}) == "ddp"
+    assert strategy_from_env({"WORLD_SIZE": "2", "ACCELERATE_USE_FSDP": "true"}) == "fsdp"
+    assert strategy_from_env({"ACCELERATE_USE_DEEPSPEED": "true", "ACCELERATE_DEEPSPEED_ZERO_STAGE": "2"}) == "zero2"
+    assert strategy_from_env({"ACCELERATE_USE_DEEPSPEED": "true", "ACCELERATE_DEEPSPEED_CONFIG_FILE": str(ds3)}) == "zero3-offload"
+
+
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp", "zero2", "zero3", "zero3-offload"])
+def test_dry_run_for_2_nodes_of_8_gpus(strategy):
+    topo = Topology(processes_per_node=8, nodes=2, node_rank=1, main_ip="10.0.0.1", main_port=29500)
+    args = accelerate_args(strategy, topo, 2, "recipes/x.yaml", ["training.learning_rate=1e-4"])
+    cmd = render_command(args)
+    flag = lambda name: args[args.index(name) + 1]  # noqa: E731
+    assert flag("--num_processes") == "16" and flag("--num_machines") == "2"
+    assert flag("--machine_rank") == "1" and flag("--main_process_ip") == "10.0.0.1"
+    assert flag("--main_process_port") == "29500" and flag("--rdzv_backend") == "static"
+    assert "--same_network" not in args  # the c10d/same_network trap cannot happen
+    assert Path(flag("--config_file")).name.endswith("_multinode.yaml") and Path(flag("--config_file")).is_file()
+    if strategy.startswith("zero"):
+        assert Path(flag("--deepspeed_config_file")).is_file() and "--use_deepspeed" in args
+    else:
+        assert flag("--gradient_accumulation_steps") == "2"
+    assert ("--multi_gpu" in args) == (strategy == "ddp")
+    assert cmd.startswith("accelerate launch ") and cmd.endswith("-m loraforge.train recipes/x.yaml --set training.learning_rate=1e-4")
+    # the command is one accelerate's own parser accepts
+    from accelerate.commands.launch import launch_command_parser
+
+    parsed = launch_command_parser().parse_args(args)
+    assert parsed.num_processes == 16 and parsed.machine_rank == 1
+
+
+def test_multinode_without_main_ip_is_refused():
+    with pytest.raises(UserError, match="needs --main-ip"):
+        accelerate_args("ddp", Topology(8, nodes=2), 1, "r.yaml")
+
+
+def test_cli_dry_run(make_recipe):
+    from typer.testing import CliRunner
+
+    from loraforge.cli import app
+
+    r = CliRunner().invoke(app, ["launch", str(make_recipe()), "--strategy", "zero2", "--gpus", "8", "--nodes", "2",
+                                 "--node-rank", "0", "--main-ip", "10.0.0.1", "--dry-run"])
+    assert r.exit_code == 0, r.output
+    assert "accelerate launch --config_file" in r.output and "zero2_multinode.yaml" in r.output
+    assert "micro-batch 1 x accumulation 1 x 16 = global batch 16" in r.output  # 4 asked, 16 processes: said plainly
+    assert "cannot be split exactly over 16 process(es)" in r.output
+
+
+# ------------------------------------------------------------------ real multi-process runs on CPU
+
+
+def _topology_recipe(tmp: Path, model_dir: Path, name: str) -> Path:
+    data = tmp / "train.jsonl"
+    if not data.exists():
+        write_jsonl(data, chat_records(48))
+    d = recipe_dict(model_dir, data, tmp / name, training={
+        "max_steps": 10, "global_batch_size": 8, "micro_batch_size": 2, "learning_rate": 1e-2,
+        "lr_scheduler": "cosine", "warmup": 1, "save_steps": 5, "save_total_limit": 3,
+    })
+    path = tmp / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(d))
+    return path
+
+
+def _loraforge(*args, timeout=900) -> subprocess.CompletedProcess:
+    env = os.environ | {"PYTHONPATH": str(Path(__file__).parent)}
+    proc = subprocess.run([sys.executable, "-m", "loraforge", *args], capture_output=True, text=True,
+                          timeout=timeout, env=env)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    return proc
+
+
+def _adapter(run_dir: Path):
+    return load_file(run_dir / "adapter_model.safetensors")
+
+
+def _max_diff(a, b) -> float:
+    assert a.keys() == b.keys()
+    return max((a[k] - b[k]).abs().max().item() for k in a)
+
+
+@pytest.fixture(scope="module")
+def one_process(tmp_path_factory, tiny_model_dir):
+    tmp = tmp_path_factory.mktemp("topology")
+    _loraforge("train", str(_topology_recipe(tmp, tiny_model_dir, "one")), "--quiet")
+    return tmp
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("strategy", ["ddp", "zero2", "zero3"])
+def test_two_processes_train_the_same_adapter_as_one(one_process, tiny_model_dir, strategy):
+    tmp = one_process
+    recipe = _topology_recipe(tmp, tiny_model_dir, strategy)
+    _loraforge("launch", str(recipe), "--strategy", strategy, "--gpus", "2", "--set", "training.device=cpu")
+    one, two = json.loads((tmp / "one" / "plan.json").read_text()), json.loads((tmp / strategy / "plan.json").read_text())
+    assert (one["world_size"], two["world_size"]) == (1, 2)  # really two processes
+    assert two["strategy"] == strategy
+    assert one["global_batch_size"] == two["global_batch_size"] == 8
+    assert two["gradient_accumulation_steps"] * 2 == one["gradient_accumulation_steps"]  # halves as world doubles
+    steps = [json.loads(line)["step"] for line in (tmp / strategy / "metrics.jsonl").read_text().splitlines()]
+    assert max(steps) >= 10
+    assert _max_diff(_adapter(tmp / "one"), _adapter(tmp / strategy)) <= 1e-5
+
+
+@pytest.mark.slow
+def test_checkpoints_resume_across_topologies(one_process, tiny_model_dir):
+    """A checkpoint written by 2 DDP processes resumes in 1 process, and the reverse, to the same adapter."""
+    tmp = one_process
+    reference = _adapter(tmp / "one")
+
+    def truncate_to_step_5(src: Path, dst: Path) -> None:
+        shutil.copytree(src, dst)
+        for f in ("adapter_model.safetensors", "train_summary.json"):
+            (dst / f).unlink()
+        shutil.rmtree(dst / "checkpoints" / "checkpoint-10")
+        recipe = yaml.safe_load((dst / "recipe.yaml").read_text())
+        recipe["output_dir"] = str(dst)
+        (dst / "recipe.yaml").write_text(yaml.safe_dump(recipe, sort_keys=False))
+        (tmp / f"{dst.name}.yaml").write_text(yaml.safe_dump(recipe, sort_keys=False))
+
+    if not (tmp / "ddp" / "checkpoints" / "checkpoint-5").is_dir():
+        _loraforge("launch", str(_topology_recipe(tmp, tiny_model_dir, "ddp")), "--strategy", "ddp", "--gpus", "2")
+    truncate_to_step_5(tmp / "ddp", tmp / "two-then-one")
+    out = _loraforge("train", str(tmp / "two-then-one.yaml"), "--quiet")
+    assert "resuming from" in out.stderr
+    assert _max_diff(reference, _adapter(tmp / "two-then-one")) <= 1e-5
+
+    truncate_to_step_5(tmp / "one", tmp / "one-then-two")
+    out = _loraforge("launch", str(tmp / "one-then-two.yaml"), "--strategy", "ddp", "--gpus", "2")
+    assert "resuming from" in out.stderr
+    assert json.loads((tmp / "one-then-two" / "plan.json").read_text())["world_size"] == 2
+    assert _max_diff(reference, _adapter(tmp / "one-then-two")) <= 1e-5
