@@ -133,6 +133,15 @@ def test_dry_run_for_2_nodes_of_8_gpus(strategy):
     assert parsed.num_processes == 16 and parsed.machine_rank == 1
 
 
+def test_quantized_base_placement_per_strategy():
+    from loraforge.modeling import base_placement
+
+    assert base_placement("cuda", "ddp", 3, "bfloat16") == {"device_map": {"": 3}, "quant_storage": None}
+    assert base_placement("cuda", "fsdp", 3, "bfloat16") == {"device_map": None, "quant_storage": "bfloat16"}
+    assert base_placement("cuda", "zero3", 3, "bfloat16")["device_map"] is None
+    assert base_placement("cpu", "ddp", 1, "float32")["device_map"] is None
+
+
 def test_multinode_without_main_ip_is_refused():
     with pytest.raises(UserError, match="needs --main-ip"):
         accelerate_args("ddp", Topology(8, nodes=2), 1, "r.yaml")
@@ -202,9 +211,25 @@ def test_two_processes_train_the_same_adapter_as_one(one_process, tiny_model_dir
     assert two["strategy"] == strategy
     assert one["global_batch_size"] == two["global_batch_size"] == 8
     assert two["gradient_accumulation_steps"] * 2 == one["gradient_accumulation_steps"]  # halves as world doubles
-    steps = [json.loads(line)["step"] for line in (tmp / strategy / "metrics.jsonl").read_text().splitlines()]
-    assert max(steps) >= 10
+    records = [json.loads(line) for line in (tmp / strategy / "metrics.jsonl").read_text().splitlines()]
+    loss_steps = [r["step"] for r in records if "loss" in r]
+    assert max(loss_steps) >= 10 and len(loss_steps) == len(set(loss_steps))  # only rank 0 logs
     assert _max_diff(_adapter(tmp / "one"), _adapter(tmp / strategy)) <= 1e-5
+
+
+@pytest.mark.slow
+def test_plain_torchrun_works_too(one_process, tiny_model_dir):
+    tmp = one_process
+    recipe = _topology_recipe(tmp, tiny_model_dir, "torchrun")
+    env = os.environ | {"PYTHONPATH": str(Path(__file__).parent)}
+    from loraforge.cli import _free_port
+
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+                           str(_free_port()), "-m", "loraforge.train", str(recipe), "--quiet"], capture_output=True,
+                          text=True, timeout=600, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert json.loads((tmp / "torchrun" / "plan.json").read_text())["world_size"] == 2
+    assert _max_diff(_adapter(tmp / "one"), _adapter(tmp / "torchrun")) <= 1e-5
 
 
 @pytest.mark.slow

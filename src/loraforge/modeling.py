@@ -148,6 +148,17 @@ def bnb_config(q: QuantizationSection, compute_dtype: str, quant_storage: str | 
     )
 
 
+def base_placement(kind: str, strategy: str, local_rank: int, compute_dtype: str) -> dict:
+    """Where each rank puts a (quantized) base. DDP: the whole copy on the rank's own GPU
+    (`device_map={"": local_rank}`; without it every rank would load onto GPU 0). FSDP / ZeRO-3 place
+    and shard the weights themselves: no device_map; FSDP+QLoRA stores the 4-bit weights in the
+    compute dtype so that FSDP can shard them."""
+    return {
+        "device_map": {"": local_rank} if kind == "cuda" and strategy in ("single", "ddp", "zero2") else None,
+        "quant_storage": compute_dtype if strategy == "fsdp" else None,
+    }
+
+
 def load_base_model(model_dir: str, recipe: Recipe, dtype: str, device_map=None, quant_storage: str | None = None):
     """The base model, with safetensors only (never unpickled) and remote code off unless the recipe allows it."""
     import torch

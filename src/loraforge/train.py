@@ -52,11 +52,26 @@ class RunResult:
     samples: list[dict] = field(default_factory=list)
 
 
-def make_plan(recipe: Recipe, hw, longest_sample: int, model_max: int | None):
+def make_plan(recipe: Recipe, hw, longest_sample: int, model_max: int | None, shape=None, lengths=None):
+    """The plan. With the model's shape (memory.ModelShape) the memory model chooses micro-batch, accumulation,
+    sequence length and checkpointing for `hw`'s budget; without it, a split of the global batch only."""
     from .planner import Plan, choose_precision, choose_seq_length, plan_batch
 
     t = recipe.training
     precision = choose_precision(hw.kind == "cuda", hw.bf16, recipe.model.dtype)
+    if shape is not None:
+        from dataclasses import replace
+
+        from .launch import check_supported, strategy_from_env
+        from .planner import plan_with_memory
+
+        strategy = (getattr(hw, "strategy", None) or strategy_from_env()) if hw.world_size > 1 else "single"
+        strategy = "ddp" if strategy == "single" and hw.world_size > 1 else strategy
+        check_supported(strategy, recipe.quantization.mode != "none")
+        plan = plan_with_memory(recipe, hw, precision, strategy, shape, longest_sample, model_max, lengths)
+        if strategy == "fsdp" and hw.kind == "cpu":
+            plan = replace(plan, notes=plan.notes + ("on CPU, accelerate runs FSDP as plain DDP: the weights are not sharded here (a GPU run is)",))
+        return plan
     batch = plan_batch(
         t.global_batch_size,
         hw.world_size,
@@ -74,6 +89,8 @@ def make_plan(recipe: Recipe, hw, longest_sample: int, model_max: int | None):
 
     strategy = strategy_from_env() if hw.world_size > 1 else "single"
     check_supported(strategy, recipe.quantization.mode != "none")
+    if strategy == "fsdp" and hw.kind == "cpu":
+        notes.append("on CPU, accelerate runs FSDP as plain DDP: the weights are not sharded here (a GPU run is)")
     return Plan(batch=batch, precision=precision, max_seq_length=seq, gradient_checkpointing=gc, strategy=strategy, notes=tuple(notes))
 
 
@@ -125,7 +142,9 @@ def prepare(recipe: Recipe, hw) -> Prepared:
         model_dir, trust_remote_code=recipe.model.trust_remote_code, revision=recipe.model.revision
     )
     model_max = getattr(config, "max_position_embeddings", None)
-    plan = make_plan(recipe, hw, max(lengths), model_max)
+    from .memory import model_shape
+
+    plan = make_plan(recipe, hw, max(lengths), model_max, shape=model_shape(config.to_dict()), lengths=lengths)
     if model_max and plan.max_seq_length > model_max:
         raise UserError(
             f"data.max_seq_length: {plan.max_seq_length} is beyond the model's context of {model_max} tokens; "
@@ -240,16 +259,18 @@ def run(recipe: Recipe, overwrite: bool = False, quiet: bool = False) -> RunResu
 
     prep = prepare(recipe, hw)
     plan, tokenizer = prep.plan, prep.tokenizer
-    from .modeling import add_lora, load_base_model
+    if plan.fits is False:  # the memory model says it cannot fit: do not launch
+        from .planner import unfit_message
+
+        raise UserError(unfit_message(plan))
+    from .modeling import add_lora, base_placement, load_base_model
 
     from transformers import set_seed
 
     set_seed(recipe.training.seed)  # LoRA's A matrices are random: the same recipe must start from the same weights
     model = load_base_model(
         prep.model_dir, recipe, plan.precision.model_dtype,
-        # DDP: each rank's quantized copy on its own GPU. FSDP / ZeRO-3 place (and shard) the weights themselves.
-        device_map={"": hw.local_rank} if hw.kind == "cuda" and plan.strategy in ("single", "ddp") else None,
-        quant_storage=plan.precision.model_dtype if plan.strategy == "fsdp" else None,
+        **base_placement(hw.kind, plan.strategy, hw.local_rank, plan.precision.model_dtype),
     )
     model, trainable, total = add_lora(model, recipe, plan.gradient_checkpointing)
     if is_main:
@@ -285,6 +306,10 @@ def run(recipe: Recipe, overwrite: bool = False, quiet: bool = False) -> RunResu
     last = latest_complete(ckpt_dir)
     if last and is_main:
         log.info("resuming from %s", last)
+    from .memguard import measured_peak_callback, preflight
+
+    plan = preflight(trainer, plan, hw, tokenizer.pad_token_id, run_dir)  # shrinks micro-batch on OOM, all ranks
+    trainer.add_callback(measured_peak_callback(plan, run_dir))
     out = trainer.train(resume_from_checkpoint=str(last) if last else None)
     eval_loss = None
     if prep.eval_ds is not None:
