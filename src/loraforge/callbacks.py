@@ -69,3 +69,39 @@ class NonFiniteGuard(TrainerCallback):
         import logging
 
         logging.getLogger("loraforge").warning("step %d: non-finite gradients, update skipped (%d so far)", step, self.skipped)
+
+
+class ProgressBar(TrainerCallback):
+    """One progress bar on the main process: steps, ETA, loss and tokens/s (instead of printed dicts)."""
+
+    def __init__(self, enabled: bool = True):
+        self.enabled = enabled
+        self.bar = None
+        self.postfix: dict[str, str] = {}
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        if self.enabled and state.is_world_process_zero:
+            from tqdm.auto import tqdm
+
+            self.bar = tqdm(total=state.max_steps, initial=state.global_step, desc="training", unit="step",
+                            dynamic_ncols=True)
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if self.bar is not None:
+            self.bar.update(state.global_step - self.bar.n)
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if self.bar is None or not logs:
+            return
+        if "loss" in logs:
+            self.postfix["loss"] = f"{logs['loss']:.4f}"
+        if "tokens_per_second" in logs:
+            self.postfix["tok/s"] = f"{logs['tokens_per_second']:.0f}"
+        if "eval_loss" in logs:
+            self.postfix["eval"] = f"{logs['eval_loss']:.4f}"
+        self.bar.set_postfix(self.postfix, refresh=True)
+
+    def on_train_end(self, args, state, control, **kwargs):
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None

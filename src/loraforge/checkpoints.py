@@ -8,7 +8,6 @@ last good one. A crash at any point leaves either the previous checkpoint set or
 
 from __future__ import annotations
 
-import errno
 import os
 import re
 import shutil
@@ -83,48 +82,3 @@ def checkpoint_estimate(trainable_params: int, previous: Path | None) -> int:
     if previous is not None and previous.is_dir():
         return int(dir_bytes(previous) * 1.1) + (8 << 20)
     return int(trainable_params * 4 * 3 * 1.2) + (16 << 20)
-
-
-def make_trainer_class():
-    """trl's SFTTrainer whose checkpoints are crash-safe (imported lazily: trl is heavy)."""
-    from trl import SFTTrainer
-
-    class LoraforgeTrainer(SFTTrainer):
-        def _save_checkpoint(self, model, trial):
-            root = Path(self.args.output_dir)
-            staging = root / STAGING
-            step = self.state.global_step
-            final = root / f"checkpoint-{step}"
-            if self.args.should_save:
-                root.mkdir(parents=True, exist_ok=True)
-                trainable = sum(p.numel() for p in self.model.parameters() if p.requires_grad)
-                ensure_free_space(root, checkpoint_estimate(trainable, latest_complete(root)))
-                shutil.rmtree(staging, ignore_errors=True)
-                staging.mkdir()
-            self.accelerator.wait_for_everyone()
-            self.args.output_dir = str(staging)
-            try:
-                super()._save_checkpoint(model, trial)
-            except OSError as e:
-                if self.args.should_save:
-                    shutil.rmtree(staging, ignore_errors=True)
-                if e.errno == errno.ENOSPC:
-                    raise UserError(
-                        f"{root}: the disk filled up while writing checkpoint-{step}; the previous checkpoint is "
-                        "intact: free some space and run the same command again to resume"
-                    ) from None
-                raise
-            finally:
-                self.args.output_dir = str(root)
-            self.accelerator.wait_for_everyone()
-            if self.args.should_save:
-                written = staging / f"checkpoint-{step}"
-                (written / MARKER).write_text(f"{step}\n")
-                if final.exists():  # an incomplete leftover of an earlier crash at this very step
-                    shutil.rmtree(final)
-                os.replace(written, final)
-                shutil.rmtree(staging, ignore_errors=True)
-                rotate(root, self.args.save_total_limit)
-            self.accelerator.wait_for_everyone()
-
-    return LoraforgeTrainer

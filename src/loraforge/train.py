@@ -49,7 +49,18 @@ class RunResult:
     wall_s: float = 0.0
     trainable_params: int = 0
     total_params: int = 0
+    tokens_seen: int = 0  # real (non-padding) tokens, all processes
+    tokens_per_second: float | None = None
+    peak_memory_gib: float | None = None
+    memory_measured: str | None = None  # cuda_allocated / process_rss
+    predicted_peak_gib: float | None = None
+    mfu: float | None = None  # model FLOPs utilisation, GPUs only
     samples: list[dict] = field(default_factory=list)
+
+    def summary(self) -> dict:
+        out = {k: v for k, v in asdict(self).items() if k not in ("run_dir", "trained", "samples")}
+        out["wall_s"] = round(self.wall_s, 1)
+        return out
 
 
 def make_plan(recipe: Recipe, hw, longest_sample: int, model_max: int | None, shape=None, lengths=None):
@@ -192,9 +203,9 @@ def sft_config(recipe: Recipe, plan, run_dir: Path, quiet: bool):
     from trl import SFTConfig
 
     t = recipe.training
-    report = recipe.tracking.backend
-    if report == "tensorboard":
-        os.environ.setdefault("TENSORBOARD_LOGGING_DIR", str(run_dir / "tensorboard"))
+    from .tracking import configure
+
+    report = configure(recipe, run_dir)
     has_eval = recipe.data.eval_split > 0 or bool(recipe.data.eval_sources)
     return SFTConfig(
         output_dir=str(run_dir / "checkpoints"),
@@ -228,7 +239,7 @@ def sft_config(recipe: Recipe, plan, run_dir: Path, quiet: bool):
         save_total_limit=t.save_total_limit,
         report_to=report,
         run_name=recipe.tracking.run_name or run_dir.name,
-        disable_tqdm=quiet,
+        disable_tqdm=True,  # our ProgressBar callback instead
         dataloader_num_workers=0,
         dataset_num_proc=None,
     )
@@ -251,8 +262,8 @@ def run(recipe: Recipe, overwrite: bool = False, quiet: bool = False) -> RunResu
     if done:
         log.info("%s already holds a finished run of this recipe; not training again (use --overwrite)", run_dir)
         summary = json.loads((run_dir / DONE_FILE).read_text())
-        result = RunResult(run_dir, trained=False, train_loss=summary.get("train_loss"),
-                           eval_loss=summary.get("eval_loss"), steps=summary.get("steps", 0))
+        known = {k: v for k, v in summary.items() if k in RunResult.__dataclass_fields__}
+        result = RunResult(run_dir, trained=False, **known)
         if recipe.samples.prompts and is_main:
             result.samples = compare_samples(recipe, run_dir)
         return result
@@ -285,7 +296,9 @@ def run(recipe: Recipe, overwrite: bool = False, quiet: bool = False) -> RunResu
         _write_json(run_dir / "versions.json", library_versions())
 
     from .callbacks import MetricsFile, NonFiniteGuard
-    from .checkpoints import clean_incomplete, latest_complete, make_trainer_class
+    from .tracking import TrackedConfig
+    from .checkpoints import clean_incomplete, latest_complete
+    from .trainer import make_trainer_class
 
     ckpt_dir = run_dir / "checkpoints"
     if is_main:
@@ -300,8 +313,19 @@ def run(recipe: Recipe, overwrite: bool = False, quiet: bool = False) -> RunResu
         callbacks=[
             MetricsFile(run_dir / "metrics.jsonl"),
             NonFiniteGuard(recipe.training.on_nonfinite, recipe.training.max_skipped_steps, ckpt_dir),
+            TrackedConfig(recipe.tracking.backend, {
+                "recipe": recipe.to_dict(), "plan": plan.to_dict(), "hardware": hw.to_dict(),
+                "versions": library_versions(),
+            }),
         ],
     )
+    from transformers.trainer_callback import PrinterCallback, ProgressCallback
+
+    from .callbacks import ProgressBar
+
+    for default in (PrinterCallback, ProgressCallback):  # replaced by one bar with loss and tokens/s
+        trainer.remove_callback(default)
+    trainer.add_callback(ProgressBar(enabled=not quiet))
     trainer.accelerator.wait_for_everyone()  # the main process has cleaned up before anyone looks
     last = latest_complete(ckpt_dir)
     if last and is_main:
@@ -315,27 +339,46 @@ def run(recipe: Recipe, overwrite: bool = False, quiet: bool = False) -> RunResu
     if prep.eval_ds is not None:
         eval_loss = trainer.evaluate().get("eval_loss")
 
+    from .trainer import peak_memory_gib
+
+    peak, measured = peak_memory_gib()
+    tokens = int(getattr(trainer, "_total_train_tokens", 0))
+    runtime = out.metrics.get("train_runtime") or 0.0
+    tps = tokens / runtime if runtime and tokens else None
     result = RunResult(
         run_dir, trained=True, train_loss=out.training_loss, eval_loss=eval_loss,
         steps=trainer.state.global_step, wall_s=time.time() - t0, trainable_params=trainable, total_params=total,
+        tokens_seen=tokens, tokens_per_second=tps, peak_memory_gib=peak, memory_measured=measured,
+        predicted_peak_gib=plan.to_dict().get("predicted_peak_gib"),
+        mfu=model_flops_utilisation(tps, total, hw),
     )
     trainer.save_model(str(run_dir))  # every rank: ZeRO-3 / FSDP gather the adapter together; rank 0 writes
     if trainer.is_world_process_zero():
         tokenizer.save_pretrained(str(run_dir))
         (run_dir / "training_args.bin").unlink(missing_ok=True)  # a pickle; recipe.yaml + plan.json say it all
-        _write_json(
-            run_dir / DONE_FILE,
-            {
-                "train_loss": result.train_loss, "eval_loss": eval_loss, "steps": result.steps,
-                "wall_s": round(result.wall_s, 1), "trainable_params": trainable, "total_params": total,
-            },
-        )
+        _write_json(run_dir / DONE_FILE, result.summary())
         if recipe.samples.prompts:
             # One process: the model in memory. Several: a fresh copy (sharded weights cannot generate on one rank).
             in_memory = trainer.model if hw.world_size == 1 else None
             result.samples = compare_samples(recipe, run_dir, tokenizer, model=in_memory)
     trainer.accelerator.wait_for_everyone()
     return result
+
+
+# Dense bf16/fp16 tensor-core peaks (TFLOP/s) by GPU name fragment, for the MFU estimate.
+GPU_PEAK_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "A10": 125.0, "L40": 181.0, "L4": 121.0,
+                   "4090": 165.0, "3090": 71.0, "3060": 51.0, "V100": 125.0, "T4": 65.0}
+
+
+def model_flops_utilisation(tokens_per_second: float | None, params: int, hw) -> float | None:
+    """Achieved / peak FLOPs on GPUs. A LoRA step costs ~4 x params FLOPs per token (forward 2N, backward
+    through the frozen weights 2N; no weight gradients for them); attention FLOPs are left out."""
+    if not tokens_per_second or hw.kind != "cuda" or not hw.gpus:
+        return None
+    peak = next((v for k, v in GPU_PEAK_TFLOPS.items() if k in hw.gpus[0].name), None)
+    if peak is None:
+        return None
+    return 4 * params * tokens_per_second / (peak * 1e12 * max(1, hw.world_size))
 
 
 def compare_samples(recipe: Recipe, run_dir: Path, tokenizer=None, model=None) -> list[dict]:
