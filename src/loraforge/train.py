@@ -361,6 +361,9 @@ def run(recipe: Recipe, overwrite: bool = False, quiet: bool = False) -> RunResu
             # One process: the model in memory. Several: a fresh copy (sharded weights cannot generate on one rank).
             in_memory = trainer.model if hw.world_size == 1 else None
             result.samples = compare_samples(recipe, run_dir, tokenizer, model=in_memory)
+        from .card import write_model_card
+
+        write_model_card(run_dir)  # README.md + plots/*.png (replaces peft's empty template)
     trainer.accelerator.wait_for_everyone()
     return result
 

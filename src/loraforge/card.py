@@ -1,0 +1,319 @@
+"""The model card: `README.md` in the run directory, written from what the run directory holds.
+
+Base model, data sources and sizes, LoRA and training settings, results (train_summary.json,
+metrics.jsonl, eval.json, samples.json), the plots (report.py), and how to load the adapter with peft and
+the merged model with transformers. It reads files only (no model is loaded), so it is cheap to call
+at the end of training and again from `loraforge report`.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+from pathlib import Path
+
+log = logging.getLogger("loraforge")
+
+CARD_FILE = "README.md"
+PLOT_TITLES = {
+    "loss": "Loss (train and eval)",
+    "learning_rate": "Learning rate",
+    "throughput": "Throughput",
+    "memory": "Memory: predicted plan vs measured peak",
+}
+
+
+def _json(path: Path):
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError):
+        return None
+
+
+def _yaml(path: Path) -> dict:
+    import yaml
+
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except (OSError, yaml.YAMLError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def _cell(value) -> str:
+    """A value as one Markdown table cell (no newlines, pipes escaped)."""
+    text = "—" if value is None or value == "" else str(value)
+    return " ".join(text.split()).replace("|", "\\|")
+
+
+def _fmt(value, digits: int = 4) -> str:
+    if isinstance(value, bool) or value is None:
+        return _cell(value)
+    if isinstance(value, float):
+        return f"{value:,.{digits}g}"
+    if isinstance(value, int):
+        return f"{value:,}"
+    return _cell(value)
+
+
+def _table(rows: list[tuple[str, object]]) -> list[str]:
+    lines = ["| | |", "|---|---|"]
+    lines += [f"| {_cell(k)} | {_fmt(v)} |" for k, v in rows if v is not None]
+    return lines
+
+
+def _is_hub_id(name: str) -> bool:
+    return (
+        isinstance(name, str) and name.count("/") == 1 and not name.startswith(("pkg:", ".", "/", "~"))
+        and not name.endswith(".gguf") and not Path(name).expanduser().exists()
+    )
+
+
+def _source_line(src: dict) -> str:
+    if src.get("hub"):
+        where = f"hub dataset `{src['hub']}`" + (f" ({src['subset']})" if src.get("subset") else "") + f", split `{src.get('split', 'train')}`"
+    else:
+        where = f"`{src.get('path')}`"
+    extras = []
+    if src.get("format") and src["format"] != "auto":
+        extras.append(f"format {src['format']}")
+    if src.get("max_samples"):
+        extras.append(f"first {src['max_samples']:,} records")
+    return f"- {where}" + (f" ({', '.join(extras)})" if extras else "")
+
+
+def _last(records: list[dict], key: str):
+    for r in reversed(records):
+        if isinstance(r.get(key), (int, float)):
+            return r[key]
+    return None
+
+
+def build_card(run_dir: str | Path, plots: dict[str, Path] | None = None) -> str:
+    """The model card's Markdown for `run_dir` (plots: {name: path} to embed; default: those present)."""
+    from .report import PLOT_FILES, PLOTS_DIR, read_metrics
+
+    run_dir = Path(run_dir)
+    recipe = _yaml(run_dir / "recipe.yaml")
+    adapter = _json(run_dir / "adapter_config.json") or {}
+    plan = _json(run_dir / "plan.json") or {}
+    summary = _json(run_dir / "train_summary.json")
+    samples = _json(run_dir / "samples.json") or []
+    evaluation = _json(run_dir / "eval.json")
+    versions = _json(run_dir / "versions.json") or {}
+    records = read_metrics(run_dir)
+    if plots is None:
+        plots = {name: run_dir / PLOTS_DIR / f for name, f in PLOT_FILES.items() if (run_dir / PLOTS_DIR / f).is_file()}
+
+    model = recipe.get("model", {}) or {}
+    lora = recipe.get("lora", {}) or {}
+    quant = recipe.get("quantization", {}) or {}
+    data = recipe.get("data", {}) or {}
+    training = recipe.get("training", {}) or {}
+    base_name = model.get("name_or_path") or adapter.get("base_model_name_or_path") or "unknown"
+    base_path = adapter.get("base_model_name_or_path") or base_name
+    qlora = quant.get("mode") in ("4bit", "8bit")
+    run_path = run_dir.resolve()
+
+    out: list[str] = ["---", "library_name: peft"]
+    if _is_hub_id(base_name):
+        out.append(f"base_model: {base_name}")
+    out += ["pipeline_tag: text-generation", "tags:", "- loraforge", "- lora"] + (["- qlora"] if qlora else []) + ["- sft", "---", ""]
+
+    out.append(f"# {run_path.name}: {'QLoRA' if qlora else 'LoRA'} adapter for {base_name}")
+    out.append("")
+    status = "finished" if summary is not None else "not finished (no train_summary.json yet)"
+    out.append(
+        f"A {'QLoRA' if qlora else 'LoRA'} adapter fine-tuned with loraforge "
+        f"(transformers + peft + trl `SFTTrainer`). Training {status}."
+    )
+    out.append("")
+
+    # ---- base model
+    out += ["## Base model", ""]
+    out.append(f"- `{base_name}`" + (f" (revision `{model['revision']}`)" if model.get("revision") else ""))
+    if str(base_name).startswith("pkg:") or str(base_name).endswith(".gguf"):
+        out.append(f"- a GGUF file, dequantised once by loraforge into the safetensors checkpoint `{base_path}`")
+    if qlora:
+        out.append(f"- loaded in {quant.get('mode')} ({quant.get('quant_type')}, double quant {quant.get('double_quant')}) for training")
+    out.append(f"- `trust_remote_code`: {model.get('trust_remote_code', False)}")
+    out.append("")
+
+    # ---- data
+    out += ["## Data", ""]
+    for src in data.get("sources") or []:
+        out.append(_source_line(src))
+    if data.get("eval_sources"):
+        out.append("")
+        out.append("Eval sources:")
+        out += [_source_line(src) for src in data["eval_sources"]]
+    recipe_file = (_json(run_dir / "source.json") or {}).get("recipe")
+    if recipe_file:
+        out += ["", f"(Relative paths are relative to the recipe, `{recipe_file}`.)"]
+    out.append("")
+    stats = plan.get("data") or {}
+    out += _table([
+        ("training examples", stats.get("train_examples")),
+        ("eval examples", stats.get("eval_examples")),
+        ("held out for eval (data.eval_split)", data.get("eval_split") or None),
+        ("training tokens (per epoch)", stats.get("train_tokens")),
+        ("longest example (tokens)", stats.get("longest_sample_tokens")),
+        ("max_seq_length", plan.get("max_seq_length", data.get("max_seq_length"))),
+        ("examples truncated", stats.get("truncated_examples")),
+        ("loss on", data.get("loss_on")),
+        ("packing", data.get("packing")),
+        ("system prompt", data.get("system_prompt")),
+    ])
+    out.append("")
+
+    # ---- LoRA
+    out += ["## LoRA", ""]
+    targets = adapter.get("target_modules") or lora.get("target_modules")
+    if isinstance(targets, list):
+        targets = ", ".join(sorted(targets))
+    out += _table([
+        ("rank r", adapter.get("r", lora.get("r"))),
+        ("alpha", adapter.get("lora_alpha", lora.get("alpha"))),
+        ("dropout", adapter.get("lora_dropout", lora.get("dropout"))),
+        ("target modules", targets),
+        ("DoRA", adapter.get("use_dora", lora.get("use_dora"))),
+        ("rsLoRA", adapter.get("use_rslora", lora.get("use_rslora"))),
+        ("modules saved in full", ", ".join(lora["modules_to_save"]) if lora.get("modules_to_save") else None),
+        ("quantization", quant.get("mode", "none")),
+        ("trainable parameters", (summary or {}).get("trainable_params")),
+        ("total parameters", (summary or {}).get("total_params")),
+    ])
+    out.append("")
+
+    # ---- training
+    out += ["## Training", ""]
+    precision = (plan.get("precision") or {}).get("label") if isinstance(plan.get("precision"), dict) else plan.get("precision")
+    hw = plan.get("hardware") or {}
+    gpus = hw.get("gpus") or []
+    hardware = hw.get("kind")
+    if gpus:
+        names = {g.get("name") for g in gpus if isinstance(g, dict)}
+        hardware = f"{len(gpus)} x {', '.join(sorted(n for n in names if n))}"
+    if hw.get("num_nodes", 1) and hw.get("num_nodes", 1) > 1:
+        hardware = f"{hardware}, {hw['num_nodes']} nodes"
+    batch = None
+    if plan.get("micro_batch_size"):
+        batch = (f"{plan.get('global_batch_size')} = {plan.get('micro_batch_size')} micro-batch x "
+                 f"{plan.get('gradient_accumulation_steps')} accumulation x {plan.get('world_size', 1)} process(es)")
+    max_steps = training.get("max_steps")
+    out += _table([
+        ("epochs", training.get("epochs") if not max_steps or max_steps < 0 else None),
+        ("max steps", max_steps if max_steps and max_steps > 0 else None),
+        ("learning rate", training.get("learning_rate")),
+        ("scheduler", training.get("lr_scheduler")),
+        ("warmup", training.get("warmup")),
+        ("weight decay", training.get("weight_decay")),
+        ("optimizer", training.get("optimizer")),
+        ("global batch (sequences per step)", batch or training.get("global_batch_size")),
+        ("precision", precision),
+        ("gradient checkpointing", plan.get("gradient_checkpointing")),
+        ("seed", training.get("seed")),
+        ("hardware", hardware),
+    ])
+    out.append("")
+
+    # ---- results
+    out += ["## Results", ""]
+    if summary is None and not records:
+        out += ["No results yet: the run has not logged any metrics.", ""]
+    else:
+        s = summary or {}
+        eval_loss = s.get("eval_loss", _last(records, "eval_loss"))
+        rows = [
+            ("optimizer steps", s.get("steps", _last(records, "step"))),
+            ("epochs completed", _last(records, "epoch")),
+            ("train loss (mean over the run)", s.get("train_loss")),
+            ("train loss (last logged)", _last([r for r in records if "loss" in r], "loss")),
+            ("eval loss", eval_loss),
+            ("eval perplexity", math.exp(eval_loss) if isinstance(eval_loss, (int, float)) and eval_loss < 700 else None),
+            ("tokens seen (non-padding)", s.get("tokens_seen") or (int(_last(records, "num_tokens")) if _last(records, "num_tokens") else None)),
+            ("throughput (tokens/s)", s.get("tokens_per_second")),
+            ("wall time (s)", s.get("wall_s")),
+        ]
+        from .report import memory_numbers
+
+        memory = memory_numbers(run_dir)
+        rows.append(("predicted peak memory (GiB)", memory["predicted"]))
+        kind = f", {memory['measured_kind']}" if memory.get("measured_kind") else ""
+        rows.append((f"measured peak memory (GiB{kind})", memory["measured"]))
+        out += _table(rows)
+        out.append("")
+    if isinstance(evaluation, dict) and evaluation.get("base") and evaluation.get("fine_tuned"):
+        out += [f"`loraforge eval` on {evaluation.get('data')} ({evaluation.get('examples')} examples, "
+                f"{evaluation.get('loss_tokens'):,} scored tokens):", ""]
+        out += ["| model | loss | perplexity |", "|---|---|---|"]
+        for label, key in (("base (adapter off)", "base"), ("fine-tuned", "fine_tuned")):
+            score = evaluation[key]
+            out.append(f"| {label} | {_fmt(score.get('loss'))} | {_fmt(score.get('perplexity'))} |")
+        out.append("")
+    if samples:
+        out += ["Answers to the recipe's sample prompts, base model vs fine-tuned:", ""]
+        out += ["| prompt | base model | fine-tuned |", "|---|---|---|"]
+        out += [f"| {_cell(r.get('prompt'))} | {_cell(r.get('base'))} | {_cell(r.get('fine_tuned'))} |" for r in samples]
+        out.append("")
+
+    # ---- plots
+    if plots:
+        out += ["## Plots", ""]
+        for name, path in plots.items():
+            rel = Path(path).relative_to(run_dir) if Path(path).is_relative_to(run_dir) else Path(path)
+            out += [f"![{PLOT_TITLES.get(name, name)}]({rel.as_posix()})", ""]
+
+    # ---- usage
+    base_for_code = base_name if _is_hub_id(base_name) else base_path
+    out += ["## How to use", "", "With peft (base model + this adapter):", "", "```python",
+            "from peft import PeftModel",
+            "from transformers import AutoModelForCausalLM, AutoTokenizer", "",
+            f'base = AutoModelForCausalLM.from_pretrained("{base_for_code}", dtype="auto")',
+            f'model = PeftModel.from_pretrained(base, "{run_path}")',
+            f'tokenizer = AutoTokenizer.from_pretrained("{run_path}")',
+            'messages = [{"role": "user", "content": "Hello!"}]',
+            "inputs = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors=\"pt\", return_dict=True)",
+            "print(tokenizer.decode(model.generate(**inputs, max_new_tokens=64)[0], skip_special_tokens=True))",
+            "```", ""]
+    if not _is_hub_id(base_name) and base_path != base_name:
+        out += [f"(`{base_path}` is loraforge's cached copy of `{base_name}` on the training machine; elsewhere, "
+                "point it at your copy of the base model.)", ""]
+    out += ["As one merged model that plain transformers loads (the adapter folded into the weights):", "", "```bash",
+            f"loraforge merge {run_path} --out {run_path}/merged", "```", "", "```python",
+            "from transformers import AutoModelForCausalLM, AutoTokenizer", "",
+            f'model = AutoModelForCausalLM.from_pretrained("{run_path}/merged")',
+            f'tokenizer = AutoTokenizer.from_pretrained("{run_path}/merged")', "```", "",
+            "For llama.cpp / Ollama (Llama and Qwen2 architectures), one GGUF file with the tokenizer and chat template:",
+            "", "```bash", f"loraforge export {run_path} --gguf --type q8_0 --out {run_path}/model-q8_0.gguf", "```", "",
+            "Other commands: "
+            f"`loraforge chat {run_path}`, `loraforge eval {run_path}` (loss and perplexity, base vs fine-tuned), "
+            f"`loraforge report {run_path}` (this card and its plots again).", ""]
+    out += ["## Files", "",
+            "`adapter_model.safetensors` + `adapter_config.json` (the adapter), the tokenizer, `recipe.yaml` (the "
+            "resolved recipe, every default), `plan.json` (plan, hardware, data statistics), `metrics.jsonl` (per "
+            "logging step), `train_summary.json`, `versions.json`.", ""]
+    if versions:
+        keys = ("python", "loraforge", "torch", "transformers", "peft", "trl", "accelerate", "datasets")
+        out += ["Versions: " + ", ".join(f"{k} {versions[k]}" for k in keys if k in versions) + ".", ""]
+    return "\n".join(out)
+
+
+def write_model_card(run_dir: str | Path, plots: bool = True) -> Path:
+    """Write `RUN_DIR/README.md` (and, with `plots`, regenerate the PNGs it embeds first). A plotting
+    failure is logged and the card is written without those pictures."""
+    run_dir = Path(run_dir)
+    made = None
+    if plots:
+        try:
+            from .report import make_plots
+
+            made = make_plots(run_dir)
+        except Exception as e:  # noqa: BLE001 - pictures are a nicety; the card must still be written
+            log.warning("could not draw the plots (%s: %s); writing the model card without them", type(e).__name__, e)
+    path = run_dir / CARD_FILE
+    tmp = path.with_name(f".{CARD_FILE}.tmp")
+    tmp.write_text(build_card(run_dir, made), encoding="utf-8")
+    tmp.replace(path)
+    return path
