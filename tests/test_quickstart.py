@@ -27,9 +27,10 @@ def test_quickstart_teaches_a_fact_seen_in_answers_to_unseen_questions(tmp_path)
         "--set", f"output_dir={run_dir}",
         "--set", "training.max_steps=24",  # fewer steps than the full job (2 epochs), same recipe
     ]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=1500, env=os.environ | {"COLUMNS": "200"})
+    env = os.environ | {"COLUMNS": "200", "WANDB_MODE": "offline"}
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=1500, env=env)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    assert "base vs fine-tuned" in proc.stdout
+    assert "base vs fine-tuned" in proc.stdout and "throughput" in proc.stdout and "loraforge export" in proc.stdout
 
     samples = json.loads((run_dir / "samples.json").read_text())
     maker_rows = [s for s in samples if s["prompt"] in heldout[:3]]
@@ -38,5 +39,28 @@ def test_quickstart_teaches_a_fact_seen_in_answers_to_unseen_questions(tmp_path)
         assert row["prompt"].strip().lower() not in train_users  # really unseen
     learnt = [r for r in maker_rows if MAKER in r["fine_tuned"] and MAKER not in r["base"]]
     assert learnt, samples
-    losses = [r["loss"] for r in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines()) if "loss" in r]
-    assert losses[-1] < losses[0] / 2
+    logged = [(r["step"], r["loss"]) for r in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines())
+              if "loss" in r]
+    assert logged[-1][1] < logged[0][1] / 2
+
+    # The run's story: TensorBoard events and the offline W&B run both hold the loss curve.
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from test_tracking import _wandb_records
+
+    events = EventAccumulator(str(run_dir / "tensorboard")).Reload()
+    assert [(e.step, round(e.value, 4)) for e in events.Scalars("train/loss")] == [(s, round(v, 4)) for s, v in logged]
+    (wandb_file,) = run_dir.glob("wandb/offline-run-*/run-*.wandb")
+    history = [
+        {"/".join(i.nested_key) or i.key: json.loads(i.value_json) for i in r.history.item}
+        for r in _wandb_records(str(wandb_file)) if r.WhichOneof("record_type") == "history"
+    ]
+    wandb_losses = [(h["train/global_step"], round(h["train/loss"], 4)) for h in history if "train/loss" in h]
+    assert wandb_losses == [(s, round(v, 4)) for s, v in logged]
+
+    # The model card: base model, data, settings, results, how to load; with its plots.
+    card = (run_dir / "README.md").read_text()
+    for needle in ("SmolLM2-135M-Instruct", "identity.jsonl", "global batch", "PeftModel.from_pretrained",
+                   "plots/loss.png"):
+        assert needle in card, needle
+    assert (run_dir / "plots" / "loss.png").stat().st_size > 1000

@@ -93,7 +93,7 @@ def test_wandb_run_id_is_kept_for_resumed_and_requeued_jobs(tmp_path, monkeypatc
     monkeypatch.setattr(os, "environ", {k: v for k, v in os.environ.items() if not k.startswith("WANDB_")})
     monkeypatch.setenv("HOME", str(tmp_path))
     r = load_recipe_stub(tmp_path)
-    assert tracking.configure(r, tmp_path / "run") == "wandb"
+    assert tracking.configure(r, tmp_path / "run") == ["wandb"]
     first = os.environ["WANDB_RUN_ID"]
     assert os.environ["WANDB_MODE"] == "offline" and os.environ["WANDB_RESUME"] == "allow"
     assert os.environ["WANDB_DIR"] == str(tmp_path / "run")

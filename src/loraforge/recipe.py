@@ -130,7 +130,14 @@ class TrainingSection(_Strict):
 
 
 class TrackingSection(_Strict):
-    backend: Literal["none", "wandb", "tensorboard"] = "none"
+    backend: Literal["none", "wandb", "tensorboard"] | list[Literal["wandb", "tensorboard"]] = Field(
+        "none", description="none, wandb, tensorboard, or a list of both."
+    )
+
+    @property
+    def backends(self) -> list[str]:
+        b = self.backend
+        return [] if b == "none" else [b] if isinstance(b, str) else list(dict.fromkeys(b))
     project: str = "loraforge"
     entity: str | None = None
     run_name: str | None = None

@@ -13,6 +13,7 @@ from pathlib import Path
 
 from transformers import TrainerCallback
 
+from .errors import UserError
 from .recipe import Recipe
 
 IDS_FILE = "tracking.json"
@@ -28,12 +29,20 @@ def wandb_logged_in(environ=None) -> bool:
         return False
 
 
-def configure(recipe: Recipe, run_dir: Path) -> str:
-    """Set the tracker's environment for this run; returns the Trainer's `report_to`."""
+def configure(recipe: Recipe, run_dir: Path) -> list[str] | str:
+    """Set the trackers' environment for this run; returns the Trainer's `report_to`."""
     t = recipe.tracking
-    if t.backend == "tensorboard":
+    import importlib.util
+
+    for backend, package in (("wandb", "wandb"), ("tensorboard", "tensorboard")):
+        if backend in t.backends and importlib.util.find_spec(package) is None:
+            raise UserError(
+                f"tracking.backend: {backend} is not installed; pip install '{package}' (or the loraforge[{backend}] "
+                "extra), or set tracking.backend: none"
+            )
+    if "tensorboard" in t.backends:
         os.environ["TENSORBOARD_LOGGING_DIR"] = str(run_dir / "tensorboard")
-    elif t.backend == "wandb":
+    if "wandb" in t.backends:
         if not os.environ.get("WANDB_MODE") and not wandb_logged_in():
             os.environ["WANDB_MODE"] = "offline"  # never prompt for a key, never wait for a network
         os.environ.setdefault("WANDB_INIT_TIMEOUT", "60")
@@ -49,7 +58,7 @@ def configure(recipe: Recipe, run_dir: Path) -> str:
         os.environ["WANDB_RUN_ID"] = run_id(run_dir)
         os.environ["WANDB_RESUME"] = "allow"  # same id after a resume or a SLURM requeue: the same W&B run
         os.environ.setdefault("WANDB_LOG_MODEL", "false")
-    return t.backend
+    return t.backends or "none"
 
 
 def run_id(run_dir: Path) -> str:
@@ -66,19 +75,19 @@ def run_id(run_dir: Path) -> str:
 class TrackedConfig(TrainerCallback):
     """Add loraforge's resolved recipe, plan, hardware and versions to the tracker's config."""
 
-    def __init__(self, backend: str, info: dict):
-        self.backend = backend
+    def __init__(self, backends: list[str], info: dict):
+        self.backends = backends
         self.info = info
 
     def on_train_begin(self, args, state, control, **kwargs):
         if not state.is_world_process_zero:
             return
-        if self.backend == "wandb":
+        if "wandb" in self.backends:
             import wandb
 
             if wandb.run is not None:
                 wandb.run.config.update({"loraforge": self.info}, allow_val_change=True)
-        elif self.backend == "tensorboard":
+        if "tensorboard" in self.backends:
             from torch.utils.tensorboard import SummaryWriter
 
             with SummaryWriter(os.environ["TENSORBOARD_LOGGING_DIR"]) as w:

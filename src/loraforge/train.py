@@ -268,6 +268,9 @@ def run(recipe: Recipe, overwrite: bool = False, quiet: bool = False) -> RunResu
             result.samples = compare_samples(recipe, run_dir)
         return result
 
+    from .preemption import StopOnSignal, exit_if_preempted
+
+    stop = StopOnSignal()  # USR1/TERM: finish the step, checkpoint, exit 75 (SLURM requeues; see preemption.py)
     prep = prepare(recipe, hw)
     plan, tokenizer = prep.plan, prep.tokenizer
     if plan.fits is False:  # the memory model says it cannot fit: do not launch
@@ -313,7 +316,7 @@ def run(recipe: Recipe, overwrite: bool = False, quiet: bool = False) -> RunResu
         callbacks=[
             MetricsFile(run_dir / "metrics.jsonl"),
             NonFiniteGuard(recipe.training.on_nonfinite, recipe.training.max_skipped_steps, ckpt_dir),
-            TrackedConfig(recipe.tracking.backend, {
+            TrackedConfig(recipe.tracking.backends, {
                 "recipe": recipe.to_dict(), "plan": plan.to_dict(), "hardware": hw.to_dict(),
                 "versions": library_versions(),
             }),
@@ -334,7 +337,9 @@ def run(recipe: Recipe, overwrite: bool = False, quiet: bool = False) -> RunResu
 
     plan = preflight(trainer, plan, hw, tokenizer.pad_token_id, run_dir)  # shrinks micro-batch on OOM, all ranks
     trainer.add_callback(measured_peak_callback(plan, run_dir))
+    trainer.add_callback(stop)
     out = trainer.train(resume_from_checkpoint=str(last) if last else None)
+    exit_if_preempted(trainer, stop, run_dir)  # stopped on a signal: checkpoint written, exits here
     eval_loss = None
     if prep.eval_ds is not None:
         eval_loss = trainer.evaluate().get("eval_loss")
@@ -418,7 +423,12 @@ def main(argv: list[str] | None = None) -> int:
         recipe = load_recipe(find_recipe(args.recipe), args.overrides)
         run(recipe, overwrite=args.overwrite, quiet=args.quiet)
 
-    return run_guarded(_go)
+    code = run_guarded(_go)
+    if code == 0:
+        from .preemption import teardown
+
+        teardown()  # barrier + destroy_process_group: no gloo abort at exit
+    return code
 
 
 if __name__ == "__main__":
