@@ -34,7 +34,7 @@ def quiet_libraries() -> None:
     from .secrets import install_log_filter
 
     install_log_filter()
-    for name in ("transformers", "datasets", "peft", "trl", "accelerate", "httpx", "urllib3"):
+    for name in ("transformers", "datasets", "peft", "trl", "accelerate", "httpx", "urllib3", "DeepSpeed"):
         logging.getLogger(name).setLevel(logging.ERROR)
     try:
         import transformers
@@ -85,10 +85,20 @@ def _print_result(result) -> None:
         table.add_row("train loss (mean)", f"{result.train_loss:.4f}")
     if result.eval_loss is not None:
         table.add_row("eval loss", f"{result.eval_loss:.4f}")
-    if result.trained:
+    if result.wall_s:
         table.add_row("wall time", f"{result.wall_s:.0f} s")
+    if result.tokens_per_second:
+        table.add_row("throughput", f"{result.tokens_per_second:,.0f} real tokens/s ({result.tokens_seen:,} tokens)")
+    if result.peak_memory_gib is not None:
+        what = "GPU allocated" if result.memory_measured == "cuda_allocated" else "process RSS"
+        predicted = (f" (predicted {result.predicted_peak_gib:.2f} GiB)"
+                     if result.predicted_peak_gib and result.memory_measured == "cuda_allocated" else "")
+        table.add_row("peak memory", f"{result.peak_memory_gib:.2f} GiB {what}{predicted}")
+    table.add_row("MFU", f"{100 * result.mfu:.1f}%" if result.mfu is not None else "n/a (GPUs only)")
+    if result.trainable_params:
         table.add_row("trainable params", f"{result.trainable_params:,} of {result.total_params:,}")
-    else:
+    table.add_row("adapter", str(result.run_dir / "adapter_model.safetensors"))
+    if not result.trained:
         table.add_row("note", "already trained; use --overwrite to train again")
     console.print(table)
     if result.samples:
@@ -99,9 +109,11 @@ def _print_result(result) -> None:
         for row in result.samples:
             samples.add_row(row["prompt"], row["base"], row["fine_tuned"])
         console.print(samples)
+    d = result.run_dir
     console.print(
-        f"next: loraforge chat {result.run_dir}  |  loraforge generate {result.run_dir} --prompt '...'  |  "
-        f"loraforge merge {result.run_dir} --out {result.run_dir}/merged",
+        f"next:\n  loraforge chat {d}\n  loraforge generate {d} --prompt '...'\n"
+        f"  loraforge merge {d} --out {d}/merged\n  loraforge export {d} --gguf --out {d}/model.gguf\n"
+        f"  loraforge eval {d}",
         highlight=False,
         soft_wrap=True,
     )
@@ -140,38 +152,107 @@ def plan(
     recipe: str = typer.Argument(..., help="Recipe file or shipped recipe name."),
     set_: list[str] = typer.Option([], "--set", help=SET_HELP),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),
+    hardware: Optional[str] = typer.Option(
+        None, "--hardware", help="Plan for a profile instead of this machine: rtx3060-12gb, rtx4090-24gb, a100-40gb, "
+        "a100-80gb, h100-80gb, cpu (src/loraforge/hardware_profiles.yaml)."),
+    vram: Optional[float] = typer.Option(None, "--vram", help="GB of memory per GPU (any other card)."),
+    gpus: Optional[int] = typer.Option(None, "--gpus", help="GPUs (processes) per node."),
+    nodes: int = typer.Option(1, "--nodes", min=1, help="Number of nodes."),
+    strategy: Optional[str] = typer.Option(None, "--strategy", help="ddp | fsdp | zero2 | zero3 | zero3-offload (default: DDP, or as launched)."),
+    trace: bool = typer.Option(False, "--trace", help="Also trace one real step under FakeTensorMode (no GPU) and compare."),
 ):
-    """Show what a run would do: the resolved recipe (every default) and the plan for this hardware."""
-    quiet_libraries()
+    """Show what a run would do: the plan for this machine (or --hardware), its memory, and the resolved recipe."""
 
     def go():
-        from .hardware import detect
+        from . import planview
         from .recipe import dump_recipe
-        from .train import prepare
 
         r = _load(recipe, set_)
-        hw = detect(force_cpu=r.training.device == "cpu")
-        prep = prepare(r, hw)
-        out = prep.plan.to_dict() | {"hardware": hw.to_dict(), "data": prep.data_summary()}
+        if planview.config_only_dir(r) is None or (hardware is None and vram is None):
+            quiet_libraries()  # imports transformers and datasets: not needed to plan from a config.json alone
+        hw = planview.hardware(r, hardware, vram, gpus, nodes, strategy)
+        out = planview.build(r, hw, trace=trace)
         if as_json:
             print(json.dumps(out | {"recipe": r.to_dict()}, indent=2, default=str))
             return
-        table = Table(title=f"plan for {recipe}", show_header=False)
-        for key in ("micro_batch_size", "gradient_accumulation_steps", "world_size", "global_batch_size",
-                    "max_seq_length", "gradient_checkpointing", "strategy"):
-            table.add_row(key, str(out[key]))
-        table.add_row("precision", out["precision"]["label"])
-        table.add_row("hardware", hw.kind + (f" ({len(hw.gpus)} x {hw.gpus[0].name})" if hw.gpus else ""))
-        table.add_row("trust_remote_code", str(r.model.trust_remote_code))
-        for k, v in out["data"].items():
-            table.add_row(f"data.{k}", str(v))
-        for note in out["notes"]:
-            table.add_row("note", note)
-        console.print(table)
+        planview.render(out, f"plan for {recipe}", console)
+        console.print(f"trust_remote_code: {r.model.trust_remote_code}", highlight=False)
         console.print("[bold]resolved recipe[/] (every default shown):")
         console.print(dump_recipe(r), highlight=False)
 
     _exit(go)
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@app.command()
+def launch(
+    recipe: str = typer.Argument(..., help="Recipe file or shipped recipe name."),
+    strategy: str = typer.Option("auto", help="auto | single | ddp | fsdp | zero2 | zero3 | zero3-offload"),
+    gpus: Optional[int] = typer.Option(
+        None, help="Processes per node (one per GPU). Default: the GPUs here; on a CPU-only machine 1, or 2 when "
+        "--strategy asks for several processes (CPU processes over gloo)."),
+    nodes: int = typer.Option(1, min=1, help="Number of nodes (machines)."),
+    node_rank: int = typer.Option(0, min=0, help="This node's rank, 0..nodes-1."),
+    main_ip: Optional[str] = typer.Option(None, help="Address of node 0 (needed with --nodes > 1)."),
+    main_port: Optional[int] = typer.Option(None, help="Rendezvous port (default 29500 on several nodes, a free one on one)."),
+    set_: list[str] = typer.Option([], "--set", help=SET_HELP),
+    dry_run: bool = typer.Option(False, "--dry-run", help="Print the exact `accelerate launch` command; run nothing."),
+):
+    """Start RECIPE on one or many processes/nodes through `accelerate launch` (strategy from the plan)."""
+    quiet_libraries()
+
+    def go():
+        import torch
+
+        from .launch import Topology, accelerate_args, choose_strategy, render_command, run_accelerate
+        from .planner import plan_batch
+
+        r = _load(recipe, set_)
+        on_gpu = torch.cuda.is_available() and r.training.device != "cpu"
+        per_node = gpus or (torch.cuda.device_count() if on_gpu else (2 if strategy not in ("auto", "single") else 1))
+        port = main_port or (29500 if nodes > 1 else _free_port())
+        topo = Topology(per_node, nodes, node_rank, main_ip, port, cpu=not on_gpu)
+        chosen, why = choose_strategy(strategy, topo.world_size, r.quantization.mode != "none")
+        t = r.training
+        batch = plan_batch(
+            t.global_batch_size, topo.world_size,
+            None if t.micro_batch_size == "auto" else t.micro_batch_size,
+            None if t.gradient_accumulation_steps == "auto" else t.gradient_accumulation_steps,
+        )
+        recipe_path = str(_recipe_path(recipe))
+        args = accelerate_args(chosen, topo, batch.gradient_accumulation_steps, recipe_path, set_)
+        err_console.print(
+            f"[loraforge] strategy {chosen} ({why}); {topo.nodes} node(s) x {topo.processes_per_node} process(es); "
+            f"micro-batch {batch.micro_batch_size} x accumulation {batch.gradient_accumulation_steps} x "
+            f"{topo.world_size} = global batch {batch.global_batch_size}", highlight=False, soft_wrap=True)
+        for note in batch.notes:
+            err_console.print(f"[loraforge] note: {note}", highlight=False, soft_wrap=True)
+        if dry_run:
+            print(render_command(args))
+            return
+        import subprocess
+
+        try:
+            run_accelerate(args)
+        except subprocess.CalledProcessError as e:
+            failed = UserError(f"a training process exited with code {e.returncode}; its message is above")
+            failed.exit_code = e.returncode if e.returncode > 0 else 1
+            raise failed from None
+
+    _exit(go)
+
+
+def _recipe_path(recipe: str) -> Path:
+    from .resources import find_recipe
+
+    return find_recipe(recipe).resolve()
 
 
 @app.command()
@@ -259,7 +340,178 @@ def env():
     from .hardware import detect
     from .train import library_versions
 
-    print(json.dumps({"hardware": detect().to_dict(), "versions": library_versions()}, indent=2, default=str))
+    print(json.dumps({"hardware": detect(free_memory=True).to_dict(), "versions": library_versions()}, indent=2, default=str))
+
+
+@app.command()
+def export(
+    run_dir: Path = typer.Argument(..., help="Run directory written by `loraforge train` (or a merged model directory)."),
+    gguf: bool = typer.Option(False, "--gguf", help="Write one GGUF file (llama.cpp, Ollama); the only format for now."),
+    type_: str = typer.Option("f16", "--type", help="Weight type: f16 or q8_0."),
+    out: Path = typer.Option(..., "--out", help="The .gguf file to write."),
+    overwrite: bool = typer.Option(False, help="Replace --out if it exists."),
+):
+    """Merge the adapter and write a GGUF file (Llama and Qwen2 architectures) with tokenizer and chat template."""
+    quiet_libraries()
+
+    def go():
+        if not gguf:
+            raise UserError("export: choose a format with --gguf (for a transformers checkpoint use `loraforge merge`)")
+        from .export import export_gguf
+
+        path = export_gguf(run_dir, out, type_.lower(), overwrite=overwrite)
+        console.print(f"GGUF ({type_.lower()}, {path.stat().st_size / 2**20:.1f} MiB) written to {path}", highlight=False)
+
+    _exit(go)
+
+
+@app.command("eval")
+def eval_cmd(
+    run_dir: Path = typer.Argument(..., help="Run directory written by `loraforge train`."),
+    data: Optional[Path] = typer.Option(None, "--data", help="Held-out data file (default: the run's eval split / eval sources)."),
+    batch_size: int = typer.Option(8, min=1, help="Sequences per forward pass."),
+    as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),
+):
+    """Eval loss and perplexity on held-out data: base model (adapter off) vs fine-tuned."""
+    quiet_libraries()
+
+    def go():
+        from .evaluate import evaluate_run
+
+        report = evaluate_run(run_dir, data, batch_size)
+        if as_json:
+            print(json.dumps(report.to_dict(), indent=2))
+            return
+        table = Table(title=f"held-out eval: {report.examples} examples, {report.loss_tokens:,} scored tokens")
+        table.add_column("model")
+        table.add_column("loss", justify="right")
+        table.add_column("perplexity", justify="right")
+        table.add_row("base (adapter off)", f"{report.base.loss:.4f}", f"{report.base.perplexity:.3f}")
+        table.add_row("fine-tuned", f"{report.fine_tuned.loss:.4f}", f"{report.fine_tuned.perplexity:.3f}", style="green")
+        console.print(table)
+        console.print(f"data: {report.data}", highlight=False, soft_wrap=True)
+
+    _exit(go)
+
+
+@app.command()
+def report(
+    run_dir: Path = typer.Argument(..., help="Run directory written by `loraforge train`."),
+):
+    """Regenerate the run's plots (plots/*.png) and its model card (README.md)."""
+    quiet_libraries()
+
+    def go():
+        if not (run_dir / "recipe.yaml").is_file():
+            raise UserError(f"{run_dir}: no recipe.yaml; is this a loraforge run directory?")
+        from .card import write_model_card
+        from .report import PLOT_FILES, PLOTS_DIR
+
+        card = write_model_card(run_dir)
+        plots = [run_dir / PLOTS_DIR / f for f in PLOT_FILES.values() if (run_dir / PLOTS_DIR / f).is_file()]
+        for p in plots:
+            console.print(f"plot: {p}", highlight=False)
+        console.print(f"model card: {card}", highlight=False)
+
+    _exit(go)
+
+
+slurm_app = typer.Typer(no_args_is_help=True, help="Run on a SLURM cluster: render + sbatch a job, follow it.")
+app.add_typer(slurm_app, name="slurm")
+
+
+@slurm_app.command("submit")
+def slurm_submit(
+    recipe: str = typer.Argument(..., help="Recipe file or shipped recipe name."),
+    nodes: int = typer.Option(1, "--nodes", min=1, help="Nodes (M)."),
+    gpus_per_node: int = typer.Option(1, "--gpus-per-node", min=1, help="GPUs per node (N); with --cpu: CPU processes per node."),
+    time_: Optional[str] = typer.Option(None, "--time", help="Time limit, e.g. 24:00:00 (default: the partition's)."),
+    partition: Optional[str] = typer.Option(None, "--partition"),
+    account: Optional[str] = typer.Option(None, "--account"),
+    qos: Optional[str] = typer.Option(None, "--qos"),
+    constraint: Optional[str] = typer.Option(None, "--constraint", help="Node features, e.g. a100-80g."),
+    cpus_per_task: Optional[int] = typer.Option(None, "--cpus-per-task", min=1, help="CPUs for each node's task."),
+    setup: Optional[Path] = typer.Option(None, "--setup", help="Shell file copied into the script before launch (module loads, env activation)."),
+    signal_lead: int = typer.Option(300, "--signal-lead", min=1, help="Seconds before the time limit at which SLURM sends USR1 (checkpoint + requeue)."),
+    strategy: str = typer.Option("auto", "--strategy", help="auto | single | ddp | fsdp | zero2 | zero3 | zero3-offload"),
+    cpu: bool = typer.Option(False, "--cpu", help="No GPUs: CPU processes over gloo (tests, debugging)."),
+    set_: list[str] = typer.Option([], "--set", help=SET_HELP),
+    dry_run: bool = typer.Option(False, "--dry-run", help="Write and print the script; submit nothing."),
+):
+    """Render the sbatch script from RECIPE and the plan (global batch kept for nodes x GPUs), write it next to
+    the run directory, and submit it; prints the job id and the log path."""
+
+    def go():
+        from . import slurm
+
+        if setup is not None and not setup.is_file():
+            raise UserError(f"--setup {setup}: no such file")
+        r = _load(recipe, set_)
+        opts = slurm.SlurmOptions(
+            nodes=nodes, gpus_per_node=gpus_per_node, time=time_, partition=partition, account=account, qos=qos,
+            constraint=constraint, cpus_per_task=cpus_per_task, setup=setup.read_text() if setup else None, cpu=cpu,
+            signal_lead_s=signal_lead, job_name=f"lf-{Path(r.output_dir).name}", strategy=strategy)
+        composed = slurm.compose(r, str(_recipe_path(recipe)), opts, set_)
+        workdir, run_dir = slurm.workdir_of(r.output_dir)
+        files = slurm.job_files(run_dir)
+        b = composed.batch
+        err_console.print(
+            f"[loraforge] strategy {composed.strategy} ({composed.why}); {nodes} node(s) x {gpus_per_node} "
+            f"{'CPU process(es)' if cpu else 'GPU(s)'}; micro-batch {b.micro_batch_size} x accumulation "
+            f"{b.gradient_accumulation_steps} x {b.world_size} = global batch {b.global_batch_size}",
+            highlight=False, soft_wrap=True)
+        for note in composed.notes:
+            err_console.print(f"[loraforge] note: {note}", highlight=False, soft_wrap=True)
+        text = slurm.render_script(composed, opts, run_dir, files, workdir, str(_recipe_path(recipe)))
+        files.dir.mkdir(parents=True, exist_ok=True)
+        files.script.write_text(text)
+        if dry_run:
+            print(text, end="")
+            err_console.print(f"[loraforge] written to {files.script} (dry run: not submitted)", highlight=False)
+            return
+        job_id = slurm.submit(files.script, files, {"nodes": nodes, "gpus_per_node": gpus_per_node, "cpu": cpu})
+        print(f"submitted job {job_id}")
+        print(f"script: {files.script}")
+        print(f"log: {files.log(job_id)}")
+        print(f"run directory: {run_dir}")
+        print(f"follow: loraforge slurm status {run_dir}")
+
+    _exit(go)
+
+
+@slurm_app.command("status")
+def slurm_status(
+    run_dir: Path = typer.Argument(..., help="The run directory (the recipe's output_dir)."),
+    as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),
+):
+    """The SLURM job's state (squeue / sacct) and the run's progress (metrics.jsonl, checkpoints)."""
+
+    def go():
+        from . import slurm
+
+        out = slurm.status(run_dir.resolve())
+        if as_json:
+            print(json.dumps(out, indent=2, default=str))
+            return
+        p = out["progress"]
+        if "job_id" in out:
+            j = out["job"]
+            extra = ", ".join(f"{k} {v}" for k, v in j.items() if k not in ("state", "source") and v)
+            print(f"job {out['job_id']}: {j['state']}" + (f" ({extra})" if extra else ""))
+            print(f"log: {out['log']}")
+        else:
+            print(f"no job recorded in {out['jobs_file']}")
+        step = p.get("step")
+        total = f" of {p['max_steps']}" if p.get("max_steps") else ""
+        print(f"run: {'finished' if p['finished'] else 'not finished'}; step {step if step is not None else '-'}{total}"
+              + (f", loss {p['loss']:.4f}" if p.get("loss") is not None else "")
+              + (f", world size {p['world_size']}" if p.get("world_size") else ""))
+        print(f"latest checkpoint: {p['latest_checkpoint'] or '-'}")
+        if p.get("preempted"):
+            pr = p["preempted"]
+            print(f"last preemption: {pr.get('signal')} after step {pr.get('step')} (restart {pr.get('slurm_restart_count')})")
+
+    _exit(go)
 
 
 def main() -> None:

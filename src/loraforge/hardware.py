@@ -15,9 +15,19 @@ class Gpu:
     name: str
     total_gib: float
     capability: tuple[int, int]
+    free_gib: float | None = None  # measured only when asked (`loraforge env` / `plan`): it opens a CUDA context
 
     @property
     def bf16(self) -> bool:
+        return self.capability >= (8, 0)
+
+    @property
+    def tf32(self) -> bool:
+        return self.capability >= (8, 0)
+
+    @property
+    def flash_attention(self) -> bool:
+        """FlashAttention-2 (and SDPA's flash kernel in bf16) needs Ampere or newer."""
         return self.capability >= (8, 0)
 
 
@@ -33,14 +43,26 @@ class Hardware:
     rank: int = 0
     local_rank: int = 0
     notes: tuple[str, ...] = field(default_factory=tuple)
+    strategy: str | None = None  # as launched (accelerate's environment) or as asked (`plan --strategy`)
+    profile: str | None = None  # a hardware profile planned for, not this machine
 
     @property
     def bf16(self) -> bool:
         return self.kind == "cuda" and bool(self.gpus) and all(g.bf16 for g in self.gpus)
 
+    @property
+    def budget_gib(self) -> float:
+        """Memory one process may use: the smallest GPU's total memory, or RAM on a CPU-only machine."""
+        if self.kind == "cuda" and self.gpus:
+            return min(g.total_gib for g in self.gpus)
+        return self.ram_gib
+
     def to_dict(self) -> dict:
         d = asdict(self)
         d["bf16"] = self.bf16
+        d["budget_gib"] = round(self.budget_gib, 2)
+        for g, gd in zip(self.gpus, d["gpus"]):
+            gd.update(tf32=g.tf32, flash_attention=g.flash_attention)
         return d
 
 
@@ -62,7 +84,10 @@ def process_topology() -> dict:
         "world_size": world,
         "rank": _int_env("RANK", default=0),
         "local_rank": _int_env("LOCAL_RANK", default=0),
-        "num_nodes": _int_env("GROUP_WORLD_SIZE", "SLURM_NNODES", "SLURM_JOB_NUM_NODES", default=1)
+        "num_nodes": _int_env(
+            "GROUP_WORLD_SIZE", "SLURM_NNODES", "SLURM_JOB_NUM_NODES",
+            default=max(1, world // max(1, _int_env("LOCAL_WORLD_SIZE", default=world))),
+        )
         if world > 1
         else 1,
     }
@@ -75,7 +100,16 @@ def _ram_gib() -> float:
         return 0.0
 
 
-def detect(force_cpu: bool = False) -> Hardware:
+def _free_gib(torch, i: int) -> float | None:
+    try:
+        return torch.cuda.mem_get_info(i)[0] / 2**30
+    except RuntimeError:
+        return None
+
+
+def detect(force_cpu: bool = False, free_memory: bool = False) -> Hardware:
+    """This machine. `free_memory` also measures each GPU's free memory (opens a CUDA context on every GPU,
+    so training processes do not ask for it)."""
     import torch
 
     topo = process_topology()
@@ -86,7 +120,16 @@ def detect(force_cpu: bool = False) -> Hardware:
                 name=torch.cuda.get_device_name(i),
                 total_gib=torch.cuda.get_device_properties(i).total_memory / 2**30,
                 capability=torch.cuda.get_device_capability(i),
+                free_gib=_free_gib(torch, i) if free_memory else None,
             )
             for i in range(torch.cuda.device_count())
         )
-    return Hardware(kind="cuda" if gpus else "cpu", gpus=gpus, ram_gib=_ram_gib(), **topo)
+    strategy = None
+    if topo["world_size"] > 1:
+        try:
+            from .launch import strategy_from_env
+
+            strategy = strategy_from_env()
+        except ImportError:
+            strategy = "ddp"
+    return Hardware(kind="cuda" if gpus else "cpu", gpus=gpus, ram_gib=_ram_gib(), strategy=strategy, **topo)

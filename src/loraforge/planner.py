@@ -123,8 +123,27 @@ class Plan:
     gradient_checkpointing: bool
     strategy: str
     notes: tuple[str, ...] = ()
+    # From the memory model (None when the architecture is not modelled)
+    memory: dict | None = None  # MemoryEstimate.to_dict()
+    budget_gib: float | None = None
+    fits: bool | None = None
+    suggestions: tuple[str, ...] = ()
+
+    def memory_dict(self) -> dict:
+        m = self.memory or {}
+        return {
+            "predicted_peak_gib": m.get("predicted_peak_gib"),
+            "budget_gib": None if self.budget_gib is None else round(self.budget_gib, 2),
+            "fits": self.fits,
+            "breakdown": m.get("breakdown_gib"),
+            "memory_model": {k: m[k] for k in ("tensor_peak_gib", "peak_phase") if k in m} or None,
+            "suggestions": list(self.suggestions),
+        }
 
     def to_dict(self) -> dict:
+        return self._base_dict() | self.memory_dict()
+
+    def _base_dict(self) -> dict:
         return {
             "micro_batch_size": self.batch.micro_batch_size,
             "gradient_accumulation_steps": self.batch.gradient_accumulation_steps,
@@ -138,3 +157,231 @@ class Plan:
             "precision": asdict(self.precision) | {"label": self.precision.label},
             "notes": list(self.batch.notes) + list(self.notes),
         }
+
+
+# --------------------------------------------------------------------------------------------------
+# The solver: micro-batch, accumulation, sequence length and checkpointing under a memory budget
+# --------------------------------------------------------------------------------------------------
+
+
+def micro_batch_candidates(global_batch: int, world_size: int, micro: int | None = None, accum: int | None = None) -> list[int]:
+    """Micro-batches to try, largest first: the divisors of the per-process share, so that accumulation is whole
+    and the global batch exact."""
+    if micro is not None:
+        return [micro]
+    share = global_batch // world_size if global_batch % world_size == 0 else max(1, round(global_batch / world_size))
+    if accum is not None:
+        return [max(1, round(share / accum))]
+    return sorted(_divisors(share), reverse=True)
+
+
+def seq_candidates(requested: int | str, longest_sample: int, model_max: int | None, floor: int = 128) -> list[int]:
+    """Sequence lengths to try, longest first: the recipe's own, or for `auto` the longest sample (rounded up to
+    64, capped by the model) and then halvings, which truncate the longest samples."""
+    if requested != "auto":
+        return [int(requested)]
+    start, _ = choose_seq_length("auto", longest_sample, model_max)
+    out = [start]
+    x = 1 << (start.bit_length() - 1)
+    if x == start:
+        x //= 2
+    while x >= floor:
+        out.append(x)
+        x //= 2
+    return out
+
+
+def truncated_share(lengths: list[int] | None, seq: int) -> float | None:
+    if not lengths:
+        return None
+    from .data import truncation_report
+
+    return truncation_report(lengths, seq)[1]
+
+
+@dataclass(frozen=True)
+class Solution:
+    batch: BatchPlan
+    seq_len: int
+    gradient_checkpointing: bool
+    estimate: object  # memory.MemoryEstimate
+    fits: bool
+    budget_gib: float
+    notes: tuple[str, ...] = ()
+    suggestions: tuple[str, ...] = ()
+
+
+def solve(
+    shape,
+    setup,
+    global_batch: int,
+    budget_gib: float,
+    micro_batch: int | None = None,
+    grad_accum: int | None = None,
+    gradient_checkpointing: bool | None = None,
+    seqs: list[int] | None = None,
+    lengths: list[int] | None = None,
+) -> Solution:
+    """The first setting that fits `budget_gib`, in this order of preference: the longest allowed sequence, then
+    no gradient checkpointing, then the largest micro-batch. Accumulation = global / (micro x world) exactly.
+    `setup` (memory.TrainSetup) carries everything else (quantization, LoRA, optimizer, world, strategy)."""
+    from .memory import GIB, estimate
+
+    world = setup.world_size
+    seqs = seqs or [setup.seq_len]
+    gcs = [gradient_checkpointing] if gradient_checkpointing is not None else [False, True]
+    micros = micro_batch_candidates(global_batch, world, micro_batch, grad_accum)
+    budget = budget_gib * GIB
+    notes: list[str] = []
+    chosen = None
+    for seq in seqs:
+        for gc in gcs:
+            for mb in micros:
+                est = estimate(shape, setup.with_(micro_batch=mb, seq_len=seq, gradient_checkpointing=gc))
+                if est.peak <= budget:
+                    chosen = (mb, seq, gc, est)
+                    break
+            if chosen:
+                break
+        if chosen:
+            break
+    fits = chosen is not None
+    if not fits:  # report the smallest setting, and what would fit
+        mb, seq, gc = micros[-1], seqs[-1], gcs[-1]
+        chosen = (mb, seq, gc, estimate(shape, setup.with_(micro_batch=mb, seq_len=seq, gradient_checkpointing=gc)))
+    mb, seq, gc, est = chosen
+    if micro_batch is not None or grad_accum is not None:
+        batch = plan_batch(global_batch, world, micro_batch, grad_accum)
+    else:
+        batch = plan_batch(global_batch, world, max_micro_batch=mb)
+    if seq != seqs[0]:
+        share = truncated_share(lengths, seq)
+        cut = f"; truncation cuts {100 * share:.1f}% of the training tokens" if share is not None else ""
+        notes.append(f"max_seq_length auto -> {seq}: {seqs[0]} does not fit in {budget_gib:.1f} GiB{cut}")
+    if gradient_checkpointing is None:
+        why = "needed to fit" if gc else "fits without"
+        notes.append(f"gradient checkpointing auto -> {'on' if gc else 'off'} ({why})")
+    if micro_batch is None and len(micros) > 1 and fits:
+        bigger = [m for m in micros if m > mb]
+        if bigger:
+            notes.append(f"micro-batch {mb}: {min(bigger)} would need more than {budget_gib:.1f} GiB")
+    suggestions: tuple[str, ...] = ()
+    if not fits:
+        notes.append(
+            f"does not fit: micro-batch {mb}, sequence {seq}, checkpointing {'on' if gc else 'off'} needs "
+            f"{est.peak_gib:.1f} GiB per device, the budget is {budget_gib:.1f} GiB; not launching"
+        )
+        suggestions = tuple(suggest(shape, setup.with_(micro_batch=mb, seq_len=seq, gradient_checkpointing=True),
+                                    budget_gib, lengths))
+    return Solution(batch, seq, gc, est, fits, budget_gib, tuple(notes), suggestions)
+
+
+def suggest(shape, setup, budget_gib: float, lengths: list[int] | None = None) -> list[str]:
+    """What would fit when nothing does, each with its predicted GiB per device."""
+    from .memory import GIB, estimate
+
+    def gib(s) -> tuple[float, bool]:
+        e = estimate(shape, s)
+        return e.peak_gib, e.peak <= budget_gib * GIB
+
+    out = []
+    if setup.quant == "none":
+        g, ok = gib(setup.with_(quant="4bit"))
+        out.append(f"QLoRA (quantization.mode: 4bit): {g:.1f} GiB per device{'' if ok else ', still too much'}")
+    sharded = setup.strategy in ("fsdp", "zero3", "zero3-offload")
+    if setup.world_size > 1 and not sharded:
+        g, ok = gib(setup.with_(strategy="fsdp"))
+        out.append(f"FSDP / ZeRO-3 over the {setup.world_size} GPUs (loraforge launch --strategy fsdp): "
+                   f"{g:.1f} GiB per GPU{'' if ok else ', still too much'}")
+    sharding = "fsdp" if setup.strategy in ("single", "ddp", "zero2") else setup.strategy
+    seq = setup.seq_len
+    found = False
+    while seq >= min(512, setup.seq_len) and not found:  # more GPUs; if none suffice, with shorter sequences too
+        for n in (2, 4, 8, 16, 32, 64, 128, 256, 512):
+            if n <= setup.world_size:
+                continue
+            g, ok = gib(setup.with_(world_size=n, strategy=sharding, seq_len=seq))
+            if ok:
+                shorter = "" if seq == setup.seq_len else f" and data.max_seq_length {seq}"
+                out.append(f"more GPUs: {n} GPUs with FSDP{shorter}, {g:.1f} GiB each")
+                found = True
+                break
+        seq //= 2
+    s = setup.seq_len // 2
+    while s >= 128:
+        g, ok = gib(setup.with_(seq_len=s))
+        if ok:
+            share = truncated_share(lengths, s)
+            cut = f", truncating {100 * share:.1f}% of the tokens" if share is not None else ""
+            out.append(f"shorter sequences: data.max_seq_length {s} fits ({g:.1f} GiB{cut})")
+            break
+        s //= 2
+    if setup.optimizer in ("adamw_torch", "adamw_torch_fused"):
+        g, ok = gib(setup.with_(optimizer="paged_adamw_8bit"))
+        if ok:
+            out.append(f"an 8-bit optimizer (training.optimizer: paged_adamw_8bit): {g:.1f} GiB")
+    return out
+
+
+def setup_for(recipe, precision: Precision, hw, strategy: str, seq_len: int = 512):
+    """The memory model's view of what the trainer will run for `recipe` on `hw`."""
+    from .memory import TrainSetup
+
+    lora, q = recipe.lora, recipe.quantization
+    targets = lora.target_modules if isinstance(lora.target_modules, str) else tuple(lora.target_modules)
+    attn = recipe.model.attn_implementation
+    return TrainSetup(
+        micro_batch=1,
+        seq_len=seq_len,
+        gradient_checkpointing=False,
+        quant=q.mode,
+        double_quant=q.double_quant,
+        lora_r=lora.r,
+        lora_targets=targets,
+        lora_dropout=lora.dropout,
+        optimizer=recipe.training.optimizer,
+        precision=precision.label,
+        device="cpu" if precision.use_cpu else "cuda",
+        attn="sdpa" if attn == "auto" else attn,
+        packing=recipe.data.packing,
+        world_size=hw.world_size,
+        strategy=strategy,
+    )
+
+
+def plan_with_memory(recipe, hw, precision: Precision, strategy: str, shape, longest_sample: int,
+                     model_max: int | None, lengths: list[int] | None = None) -> Plan:
+    """The plan from the memory model: what fits `hw`'s budget, keeping the recipe's global batch."""
+    t = recipe.training
+    seqs = seq_candidates(recipe.data.max_seq_length, longest_sample, model_max)
+    notes = []
+    if recipe.data.max_seq_length == "auto":
+        notes.append(f"max_seq_length auto: longest sample {longest_sample} tokens" if lengths
+                     else f"max_seq_length auto: no data read, starting from the model's context ({seqs[0]})")
+    sol = solve(
+        shape,
+        setup_for(recipe, precision, hw, strategy),
+        t.global_batch_size,
+        hw.budget_gib,
+        micro_batch=None if t.micro_batch_size == "auto" else t.micro_batch_size,
+        grad_accum=None if t.gradient_accumulation_steps == "auto" else t.gradient_accumulation_steps,
+        gradient_checkpointing=None if t.gradient_checkpointing == "auto" else bool(t.gradient_checkpointing),
+        seqs=seqs,
+        lengths=lengths,
+    )
+    if recipe.lora.use_dora:
+        notes.append("DoRA is not in the memory model: it needs more than predicted")
+    return Plan(
+        batch=sol.batch, precision=precision, max_seq_length=sol.seq_len, gradient_checkpointing=sol.gradient_checkpointing,
+        strategy=strategy, notes=tuple(notes) + sol.notes, memory=sol.estimate.to_dict(), budget_gib=sol.budget_gib,
+        fits=sol.fits, suggestions=sol.suggestions,
+    )
+
+
+def unfit_message(plan: Plan) -> str:
+    m = plan.memory or {}
+    head = (f"does not fit: micro-batch {plan.batch.micro_batch_size}, sequence {plan.max_seq_length}, checkpointing "
+            f"{'on' if plan.gradient_checkpointing else 'off'} needs {m.get('predicted_peak_gib', 0):.1f} GiB per device; "
+            f"the budget is {plan.budget_gib:.1f} GiB")
+    alts = "; ".join(plan.suggestions) if plan.suggestions else "no smaller setting fits"
+    return f"{head}. What would fit: {alts} (see `loraforge plan`)"

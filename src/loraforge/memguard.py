@@ -1,0 +1,203 @@
+"""Runtime memory guard: a pre-flight step that backs off on out-of-memory on all ranks together, and the
+measured peak beside the prediction.
+
+`preflight(trainer, plan, ...)` runs the worst step the plan allows (micro-batch x max_seq_length tokens,
+padded, every token in the loss) forward and backward on every rank before training starts, on the
+unwrapped model, so there is no collective inside the step: a rank that runs out of memory cannot leave the
+others waiting in a gradient all-reduce. The ranks then agree with one all-reduce (MAX) of their OOM flags;
+if any failed, all shrink the micro-batch to the next divisor of their share, raise accumulation so that
+micro x accumulation x world stays the global batch, and try again. The result is reported in the log and in
+plan.json (`oom_guard`).
+
+It runs on a GPU (where an OOM is an exception; on the CPU the kernel kills the process instead) and when
+`LORAFORGE_SIMULATE_OOM` is set, e.g. `rank=1,min_micro_batch=2`: that rank raises torch.OutOfMemoryError in
+the pre-flight for any micro-batch of 2 or more (how the 2-process CPU test exercises it).
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+import logging
+import os
+from dataclasses import replace
+from pathlib import Path
+
+from .errors import UserError
+
+log = logging.getLogger("loraforge")
+SIMULATE_ENV = "LORAFORGE_SIMULATE_OOM"
+
+
+def _simulated(rank: int) -> int | None:
+    """The smallest micro-batch at which this rank fakes an OOM, or None."""
+    spec = os.environ.get(SIMULATE_ENV, "")
+    if not spec:
+        return None
+    fields = dict(kv.split("=", 1) for kv in spec.split(",") if "=" in kv)
+    if int(fields.get("rank", rank)) != rank:
+        return None
+    return int(fields.get("min_micro_batch", 1))
+
+
+def next_micro_batch(micro: int, share: int) -> int | None:
+    """The largest divisor of the per-process share below `micro` (keeps the global batch exact), or None."""
+    smaller = [d for d in range(1, micro) if share % d == 0]
+    return max(smaller) if smaller else None
+
+
+def _any_rank(flag: bool) -> bool:
+    import torch
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()):
+        return flag
+    backend = dist.get_backend()
+    device = torch.device("cuda", torch.cuda.current_device()) if backend == "nccl" else torch.device("cpu")
+    t = torch.tensor([1 if flag else 0], device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(t.item())
+
+
+def _probe(trainer, micro: int, seq: int, vocab: int, pad_id: int, checkpointing: bool, rank: int) -> None:
+    """One forward + backward of the largest batch the plan allows, with no collective inside."""
+    import torch
+
+    model = trainer.model
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    if checkpointing and not getattr(base, "is_activation_checkpointing", False):
+        base.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    device = next(p.device for p in model.parameters())
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, vocab, (micro, seq), generator=g).to(device)
+    mask = torch.ones_like(ids)
+    if micro > 1:  # a padded batch, as most real ones are: transformers then builds the attention mask
+        mask[0, -1] = 0
+        ids[0, -1] = pad_id
+    model.train()
+    with trainer.accelerator.autocast():
+        out = model(input_ids=ids, attention_mask=mask, labels=ids, fused_lm_head=True)
+    out.loss.backward()
+
+
+def _install_simulated_oom(model, rank: int) -> None:
+    """With LORAFORGE_SIMULATE_OOM, this rank's training forward raises OOM for micro-batches at or above the
+    threshold: in the pre-flight, and in the real training steps too (so a guard that did not take effect shows)."""
+    import torch
+
+    at = _simulated(rank)
+    if at is None or getattr(model, "_loraforge_simulated_oom", False):
+        return
+
+    def hook(module, args, kwargs):
+        ids = kwargs.get("input_ids", args[0] if args else None)
+        if module.training and torch.is_grad_enabled() and ids is not None and ids.shape[0] >= at:
+            raise torch.OutOfMemoryError(f"simulated out of memory on rank {rank} at micro-batch {ids.shape[0]}")
+
+    model.register_forward_pre_hook(hook, with_kwargs=True)
+    model._loraforge_simulated_oom = True
+
+
+def _cleanup(model) -> None:
+    import torch
+
+    model.zero_grad(set_to_none=True)
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def preflight(trainer, plan, hw, pad_id: int | None, run_dir: Path | None = None):
+    """Run the pre-flight; returns the plan to train with (the same one, or a smaller micro-batch).
+
+    Only where the model is whole on each rank before training (single process, DDP): FSDP / ZeRO-3 shard it
+    when training starts."""
+    if hw.kind != "cuda" and not os.environ.get(SIMULATE_ENV):
+        return plan
+    if plan.strategy not in ("single", "ddp"):
+        return plan
+    import torch
+
+    vocab = int(getattr(trainer.model.config, "vocab_size", 0) or 32000)
+    _install_simulated_oom(trainer.model, hw.rank)
+    pad_id = 0 if pad_id is None else pad_id
+
+    batch = plan.batch
+    world, micro = batch.world_size, batch.micro_batch_size
+    share = batch.micro_batch_size * batch.gradient_accumulation_steps
+    attempts = []
+    while True:
+        oom = False
+        try:
+            _probe(trainer, micro, plan.max_seq_length, vocab, pad_id, plan.gradient_checkpointing, hw.rank)
+        except torch.OutOfMemoryError as e:
+            oom = True
+            log.warning("rank %d: out of memory at micro-batch %d (%s)", hw.rank, micro, str(e).splitlines()[0][:120])
+        _cleanup(trainer.model)
+        failed = _any_rank(oom)  # every rank reaches this all-reduce, OOM or not
+        attempts.append({"micro_batch_size": micro, "out_of_memory": failed, "this_rank": oom})
+        if not failed:
+            break
+        smaller = next_micro_batch(micro, share)
+        if smaller is None:
+            raise UserError(
+                f"out of memory even at micro-batch {micro} with max_seq_length {plan.max_seq_length}; shorten "
+                "data.max_seq_length, turn on training.gradient_checkpointing, use QLoRA or more GPUs (see `loraforge plan`)"
+            )
+        micro = smaller
+    if micro == batch.micro_batch_size:
+        return plan
+    accum = share // micro
+    note = (f"OOM guard: micro-batch {batch.micro_batch_size} ran out of memory on at least one rank; all ranks use "
+            f"micro-batch {micro} x accumulation {accum} x {world} = global batch {micro * accum * world}")
+    log.warning(note)
+    new_batch = replace(batch, micro_batch_size=micro, gradient_accumulation_steps=accum)
+    new_plan = replace(plan, batch=new_batch, notes=plan.notes + (note,))
+    args = trainer.args
+    args.per_device_train_batch_size = micro
+    args.per_device_eval_batch_size = micro
+    args.gradient_accumulation_steps = accum
+    trainer._train_batch_size = args.train_batch_size
+    if run_dir is not None and hw.rank == 0 and (run_dir / "plan.json").is_file():
+        path = run_dir / "plan.json"
+        data = json.loads(path.read_text())
+        data.update(new_plan.to_dict())
+        data["oom_guard"] = {"attempts": attempts, "micro_batch_size": micro, "gradient_accumulation_steps": accum}
+        tmp = path.with_suffix(".json.tmp")
+        tmp.write_text(json.dumps(data, indent=2, default=str) + "\n")
+        os.replace(tmp, path)
+    return new_plan
+
+
+def measured_peak_callback(plan, run_dir: Path):
+    """On a GPU: log torch.cuda.max_memory_allocated beside the prediction after the first step and at the end,
+    and write both to memory.json in the run directory."""
+    from transformers import TrainerCallback
+
+    class MeasuredPeak(TrainerCallback):
+        def _report(self, state, when: str) -> None:
+            import torch
+
+            if not torch.cuda.is_available():
+                return
+            measured = torch.cuda.max_memory_allocated() / 2**30
+            reserved = torch.cuda.max_memory_reserved() / 2**30
+            predicted = (plan.memory or {}).get("predicted_peak_gib")
+            tensor = (plan.memory or {}).get("tensor_peak_gib")
+            log.info("memory (%s): measured peak %.2f GiB allocated, %.2f GiB reserved; predicted %s GiB",
+                     when, measured, reserved, f"{predicted:.2f}" if predicted else "n/a")
+            if state.is_world_process_zero:
+                path = run_dir / "memory.json"
+                data = json.loads(path.read_text()) if path.is_file() else {}
+                data[when] = {"max_allocated_gib": round(measured, 3), "max_reserved_gib": round(reserved, 3),
+                              "predicted_peak_gib": predicted, "predicted_tensor_peak_gib": tensor}
+                path.write_text(json.dumps(data, indent=2) + "\n")
+
+        def on_step_end(self, args, state, control, **kwargs):
+            if state.global_step == 1:
+                self._report(state, "first_step")
+
+        def on_train_end(self, args, state, control, **kwargs):
+            self._report(state, "end")
+
+    return MeasuredPeak()
