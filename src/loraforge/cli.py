@@ -202,6 +202,9 @@ def launch(
     node_rank: int = typer.Option(0, min=0, help="This node's rank, 0..nodes-1."),
     main_ip: Optional[str] = typer.Option(None, help="Address of node 0 (needed with --nodes > 1)."),
     main_port: Optional[int] = typer.Option(None, help="Rendezvous port (default 29500 on several nodes, a free one on one)."),
+    hardware: Optional[str] = typer.Option(
+        None, "--hardware", help="Plan for a hardware profile instead of this machine (see `loraforge plan --help`)."),
+    vram: Optional[float] = typer.Option(None, "--vram", help="GB of memory per GPU of the target machine."),
     set_: list[str] = typer.Option([], "--set", help=SET_HELP),
     dry_run: bool = typer.Option(False, "--dry-run", help="Print the exact `accelerate launch` command; run nothing."),
 ):
@@ -211,28 +214,38 @@ def launch(
     def go():
         import torch
 
+        from . import planview
         from .launch import Topology, accelerate_args, choose_strategy, render_command, run_accelerate
-        from .planner import plan_batch
-
         r = _load(recipe, set_)
-        on_gpu = torch.cuda.is_available() and r.training.device != "cpu"
-        per_node = gpus or (torch.cuda.device_count() if on_gpu else (2 if strategy not in ("auto", "single") else 1))
+        on_gpu = (hardware not in (None, "cpu") or vram is not None) or (
+            hardware is None and torch.cuda.is_available() and r.training.device != "cpu")
+        per_node = gpus or (
+            torch.cuda.device_count() if on_gpu and hardware is None and vram is None
+            else None if on_gpu else (2 if strategy not in ("auto", "single") else 1))
+        quantized = r.quantization.mode != "none"
+
+        def plan_for(strat):  # the plan every process will compute, made here for the target topology
+            hw = planview.hardware(r, hardware, vram, per_node, nodes, None if strat == "single" else strat)
+            return hw, planview.build(r, hw)
+
+        hw, out = plan_for("ddp" if strategy == "auto" else strategy)
+        chosen, why = choose_strategy(strategy, hw.world_size, quantized, fits_replicated=out.get("fits"))
+        if chosen != out.get("strategy"):
+            hw, out = plan_for(chosen)
+        if out.get("fits") is False:
+            raise UserError(unfit_message_from(out))
         port = main_port or (29500 if nodes > 1 else _free_port())
-        topo = Topology(per_node, nodes, node_rank, main_ip, port, cpu=not on_gpu)
-        chosen, why = choose_strategy(strategy, topo.world_size, r.quantization.mode != "none")
-        t = r.training
-        batch = plan_batch(
-            t.global_batch_size, topo.world_size,
-            None if t.micro_batch_size == "auto" else t.micro_batch_size,
-            None if t.gradient_accumulation_steps == "auto" else t.gradient_accumulation_steps,
-        )
+        topo = Topology(hw.world_size // nodes, nodes, node_rank, main_ip, port, cpu=hw.kind == "cpu")
         recipe_path = str(_recipe_path(recipe))
-        args = accelerate_args(chosen, topo, batch.gradient_accumulation_steps, recipe_path, set_)
+        args = accelerate_args(chosen, topo, out["gradient_accumulation_steps"], recipe_path, set_)
         err_console.print(
             f"[loraforge] strategy {chosen} ({why}); {topo.nodes} node(s) x {topo.processes_per_node} process(es); "
-            f"micro-batch {batch.micro_batch_size} x accumulation {batch.gradient_accumulation_steps} x "
-            f"{topo.world_size} = global batch {batch.global_batch_size}", highlight=False, soft_wrap=True)
-        for note in batch.notes:
+            f"micro-batch {out['micro_batch_size']} x accumulation {out['gradient_accumulation_steps']} x "
+            f"{topo.world_size} = global batch {out['global_batch_size']}"
+            + (f"; predicted {out['predicted_peak_gib']:.1f} of {out['budget_gib']:.1f} GiB per device"
+               if out.get("predicted_peak_gib") and out.get("budget_gib") else ""),
+            highlight=False, soft_wrap=True)
+        for note in out.get("notes", []):
             err_console.print(f"[loraforge] note: {note}", highlight=False, soft_wrap=True)
         if dry_run:
             print(render_command(args))
@@ -247,6 +260,12 @@ def launch(
             raise failed from None
 
     _exit(go)
+
+
+def unfit_message_from(out: dict) -> str:
+    tips = "; ".join(out.get("suggestions") or []) or "use QLoRA, more GPUs, FSDP/ZeRO-3 or shorter sequences"
+    return (f"the plan does not fit: predicted {out.get('predicted_peak_gib', 0):.1f} GiB per device, budget "
+            f"{out.get('budget_gib', 0):.1f} GiB; {tips} (see `loraforge plan`)")
 
 
 def _recipe_path(recipe: str) -> Path:
