@@ -214,26 +214,15 @@ def launch(
     def go():
         import torch
 
-        from . import planview
-        from .launch import Topology, accelerate_args, choose_strategy, render_command, run_accelerate
+        from .launch import Topology, accelerate_args, plan_launch, render_command, run_accelerate
         r = _load(recipe, set_)
         on_gpu = (hardware not in (None, "cpu") or vram is not None) or (
             hardware is None and torch.cuda.is_available() and r.training.device != "cpu")
         per_node = gpus or (
             torch.cuda.device_count() if on_gpu and hardware is None and vram is None
             else None if on_gpu else (2 if strategy not in ("auto", "single") else 1))
-        quantized = r.quantization.mode != "none"
-
-        def plan_for(strat):  # the plan every process will compute, made here for the target topology
-            hw = planview.hardware(r, hardware, vram, per_node, nodes, None if strat == "single" else strat)
-            return hw, planview.build(r, hw)
-
-        hw, out = plan_for("ddp" if strategy == "auto" else strategy)
-        chosen, why = choose_strategy(strategy, hw.world_size, quantized, fits_replicated=out.get("fits"))
-        if chosen != out.get("strategy"):
-            hw, out = plan_for(chosen)
-        if out.get("fits") is False:
-            raise UserError(unfit_message_from(out))
+        lp = plan_launch(r, strategy, per_node, nodes, hardware, vram)
+        chosen, why, hw, out = lp.strategy, lp.why, lp.hw, lp.plan
         port = main_port or (29500 if nodes > 1 else _free_port())
         topo = Topology(hw.world_size // nodes, nodes, node_rank, main_ip, port, cpu=hw.kind == "cpu")
         recipe_path = str(_recipe_path(recipe))
@@ -260,12 +249,6 @@ def launch(
             raise failed from None
 
     _exit(go)
-
-
-def unfit_message_from(out: dict) -> str:
-    tips = "; ".join(out.get("suggestions") or []) or "use QLoRA, more GPUs, FSDP/ZeRO-3 or shorter sequences"
-    return (f"the plan does not fit: predicted {out.get('predicted_peak_gib', 0):.1f} GiB per device, budget "
-            f"{out.get('budget_gib', 0):.1f} GiB; {tips} (see `loraforge plan`)")
 
 
 def _recipe_path(recipe: str) -> Path:
@@ -454,6 +437,9 @@ def slurm_submit(
     signal_lead: int = typer.Option(300, "--signal-lead", min=1, help="Seconds before the time limit at which SLURM sends USR1 (checkpoint + requeue)."),
     strategy: str = typer.Option("auto", "--strategy", help="auto | single | ddp | fsdp | zero2 | zero3 | zero3-offload"),
     cpu: bool = typer.Option(False, "--cpu", help="No GPUs: CPU processes over gloo (tests, debugging)."),
+    hardware: Optional[str] = typer.Option(
+        None, "--hardware", help="GPU profile of the compute nodes (e.g. a100-80gb): plan memory and strategy for them."),
+    vram: Optional[float] = typer.Option(None, "--vram", help="Or their GB per GPU."),
     set_: list[str] = typer.Option([], "--set", help=SET_HELP),
     dry_run: bool = typer.Option(False, "--dry-run", help="Write and print the script; submit nothing."),
 ):
@@ -469,7 +455,8 @@ def slurm_submit(
         opts = slurm.SlurmOptions(
             nodes=nodes, gpus_per_node=gpus_per_node, time=time_, partition=partition, account=account, qos=qos,
             constraint=constraint, cpus_per_task=cpus_per_task, setup=setup.read_text() if setup else None, cpu=cpu,
-            signal_lead_s=signal_lead, job_name=f"lf-{Path(r.output_dir).name}", strategy=strategy)
+            signal_lead_s=signal_lead, job_name=f"lf-{Path(r.output_dir).name}", strategy=strategy,
+            hardware=hardware, vram=vram)
         composed = slurm.compose(r, str(_recipe_path(recipe)), opts, set_)
         workdir, run_dir = slurm.workdir_of(r.output_dir)
         files = slurm.job_files(run_dir)

@@ -144,3 +144,40 @@ def run_accelerate(args: list[str]) -> None:
     from accelerate.commands.launch import launch_command, launch_command_parser
 
     launch_command(launch_command_parser().parse_args(args))
+
+
+@dataclass
+class LaunchPlan:
+    strategy: str
+    why: str
+    hw: object  # hardware.Hardware of the target topology
+    plan: dict  # planview.build(): what every process will compute
+    batch: object  # planner.BatchPlan of that plan
+
+
+def plan_launch(recipe, strategy: str, per_node: int | None, nodes: int, hardware: str | None = None,
+                vram: float | None = None) -> LaunchPlan:
+    """Plan for the target topology with the memory model, pick the strategy from whether the model fits
+    replicated, and refuse a plan that does not fit. Shared by `loraforge launch` and `loraforge slurm`."""
+    from . import planview
+    from .planner import BatchPlan
+
+    def plan_for(strat: str):
+        hw = planview.hardware(recipe, hardware, vram, per_node, nodes, None if strat == "single" else strat)
+        return hw, planview.build(recipe, hw)
+
+    hw, out = plan_for("ddp" if strategy == "auto" else strategy)
+    chosen, why = choose_strategy(strategy, hw.world_size, recipe.quantization.mode != "none",
+                                  fits_replicated=out.get("fits"))
+    if chosen != out.get("strategy"):
+        hw, out = plan_for(chosen)
+    if out.get("fits") is False:
+        tips = "; ".join(out.get("suggestions") or []) or "use QLoRA, more GPUs, FSDP/ZeRO-3 or shorter sequences"
+        raise UserError(
+            f"the plan does not fit: predicted {out.get('predicted_peak_gib', 0):.1f} GiB per device, budget "
+            f"{out.get('budget_gib', 0):.1f} GiB; {tips} (see `loraforge plan`)"
+        )
+    batch = BatchPlan(out["micro_batch_size"], out["gradient_accumulation_steps"], out["world_size"],
+                      out.get("requested_global_batch_size", out["global_batch_size"]), tuple(out.get("notes", [])))
+    return LaunchPlan(chosen, why, hw, out, batch)
+

@@ -56,6 +56,8 @@ class SlurmOptions:
     signal_lead_s: int = DEFAULT_SIGNAL_LEAD_S
     job_name: str = "loraforge"
     strategy: str = "auto"
+    hardware: str | None = None  # profile of the compute nodes' GPUs (see `loraforge plan --hardware`)
+    vram: float | None = None  # or their GB per GPU
 
 
 @dataclass(frozen=True)
@@ -95,7 +97,7 @@ class Composed:
 
 def compose(recipe, recipe_path: str, opts: SlurmOptions, overrides: list[str] | tuple = ()) -> Composed:
     """The plan's batch split for nodes x processes, and `loraforge launch`'s accelerate arguments."""
-    from .launch import Topology, accelerate_args, choose_strategy
+    from .launch import Topology, accelerate_args, choose_strategy, plan_launch
     from .planner import plan_batch
 
     if opts.nodes < 1 or opts.gpus_per_node < 1:
@@ -104,16 +106,33 @@ def compose(recipe, recipe_path: str, opts: SlurmOptions, overrides: list[str] |
     if opts.cpu and "training.device=cpu" not in overrides:
         overrides.append("training.device=cpu")
     topo = Topology(opts.gpus_per_node, opts.nodes, 0, "MAIN_IP" if opts.nodes > 1 else None, 29500, cpu=opts.cpu)
-    strategy, why = choose_strategy(opts.strategy, topo.world_size, recipe.quantization.mode != "none")
-    t = recipe.training
-    batch = plan_batch(
-        t.global_batch_size, topo.world_size,
-        None if t.micro_batch_size == "auto" else t.micro_batch_size,
-        None if t.gradient_accumulation_steps == "auto" else t.gradient_accumulation_steps,
-    )
+    notes: list[str] = []
+    if opts.cpu or opts.hardware or opts.vram:
+        # The same planning as `loraforge launch`: the memory model for the target nodes picks the strategy.
+        if opts.cpu:
+            recipe = recipe.model_copy(deep=True)
+            recipe.training.device = "cpu"
+        lp = plan_launch(recipe, opts.strategy, opts.gpus_per_node, opts.nodes,
+                         None if opts.cpu else opts.hardware, None if opts.cpu else opts.vram)
+        strategy, why, batch = lp.strategy, lp.why, lp.batch
+        notes += list(batch.notes)
+    else:
+        # Submitting from a login node without the compute nodes' GPUs: split the global batch, and say that
+        # memory was not checked here (each node still plans, and refuses a plan that does not fit).
+        strategy, why = choose_strategy(opts.strategy, topo.world_size, recipe.quantization.mode != "none")
+        t = recipe.training
+        batch = plan_batch(
+            t.global_batch_size, topo.world_size,
+            None if t.micro_batch_size == "auto" else t.micro_batch_size,
+            None if t.gradient_accumulation_steps == "auto" else t.gradient_accumulation_steps,
+        )
+        notes += list(batch.notes) + [
+            "memory not checked for the compute nodes: pass --hardware PROFILE or --vram GB to plan with the "
+            "memory model (and let it choose the strategy)"
+        ]
     args = accelerate_args(strategy, topo, batch.gradient_accumulation_steps, recipe_path, overrides)
     args.append("--quiet")  # no progress bar in the job log (metrics.jsonl and `loraforge slurm status` have it)
-    return Composed(node_args(args), strategy, why, batch, tuple(batch.notes))
+    return Composed(node_args(args), strategy, why, batch, tuple(notes))
 
 
 def node_args(args: list[str]) -> list[str]:
