@@ -34,7 +34,7 @@ class NonFiniteGuard(TrainerCallback):
     the same values and takes the same decision (no rank is left waiting). A skipped step leaves the
     LoRA weights and optimizer state untouched: the gradients are dropped, so the optimizer ignores
     them. Under fp16, the gradient scaler already skips overflowing steps; the guard then only stops
-    after `max_skipped` of them in a row.
+    once more than `max_skipped` bad steps were seen in the run.
     """
 
     def __init__(self, policy: str = "stop", max_skipped: int = 10, checkpoint_root: Path | None = None):

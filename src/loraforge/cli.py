@@ -224,7 +224,7 @@ def launch(
         lp = plan_launch(r, strategy, per_node, nodes, hardware, vram)
         chosen, why, hw, out = lp.strategy, lp.why, lp.hw, lp.plan
         port = main_port or (29500 if nodes > 1 else _free_port())
-        topo = Topology(hw.world_size // nodes, nodes, node_rank, main_ip, port, cpu=hw.kind == "cpu")
+        topo = Topology(hw.world_size // nodes, nodes, node_rank, main_ip, port)
         recipe_path = str(_recipe_path(recipe))
         args = accelerate_args(chosen, topo, out["gradient_accumulation_steps"], recipe_path, set_)
         err_console.print(

@@ -21,9 +21,7 @@ def _load_run_recipe(run_dir: Path):
     recipe = load_recipe(recipe_file)
     source = run_dir / "source.json"
     if source.is_file():  # resolve relative paths against the original recipe's location
-        from pathlib import Path as _P
-
-        recipe._source = _P(json.loads(source.read_text())["recipe"])
+        recipe._source = Path(json.loads(source.read_text())["recipe"])
     return recipe
 
 

@@ -86,7 +86,6 @@ class Topology:
     node_rank: int = 0
     main_ip: str | None = None
     main_port: int = 29500
-    cpu: bool = False
 
     @property
     def world_size(self) -> int:

@@ -105,7 +105,7 @@ def compose(recipe, recipe_path: str, opts: SlurmOptions, overrides: list[str] |
     overrides = list(overrides)
     if opts.cpu and "training.device=cpu" not in overrides:
         overrides.append("training.device=cpu")
-    topo = Topology(opts.gpus_per_node, opts.nodes, 0, "MAIN_IP" if opts.nodes > 1 else None, 29500, cpu=opts.cpu)
+    topo = Topology(opts.gpus_per_node, opts.nodes, 0, "MAIN_IP" if opts.nodes > 1 else None, 29500)
     notes: list[str] = []
     if opts.cpu or opts.hardware or opts.vram:
         # The same planning as `loraforge launch`: the memory model for the target nodes picks the strategy.
