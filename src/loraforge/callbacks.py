@@ -105,3 +105,31 @@ class ProgressBar(TrainerCallback):
         if self.bar is not None:
             self.bar.close()
             self.bar = None
+
+
+def process_start_time() -> float:
+    """When this process started (epoch seconds): from /proc on Linux, else when loraforge was imported."""
+    import os
+
+    try:
+        with open("/proc/self/stat") as f:
+            start_ticks = int(f.read().rsplit(")", 1)[1].split()[19])
+        with open("/proc/stat") as f:
+            boot = next(int(line.split()[1]) for line in f if line.startswith("btime"))
+        return boot + start_ticks / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError, StopIteration):
+        import loraforge
+
+        return loraforge.IMPORTED_AT
+
+
+class StartupTimer(TrainerCallback):
+    """Seconds from the command (process start) to the end of the first optimizer step of this process:
+    imports, data, model load, trainer set-up and one step."""
+
+    def __init__(self):
+        self.startup_s: float | None = None
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if self.startup_s is None:
+            self.startup_s = time.time() - process_start_time()

@@ -4,8 +4,9 @@ Every format becomes either a chat (`{"messages": [{role, content}, ...]}`) or p
 rendered through the model's chat template; the tokens that carry the loss are found by rendering the
 conversation prefix before and after each assistant turn and mapping those character spans onto the
 tokens (offset mapping). That works with any prefix-stable template, with no `{% generation %}`
-markers needed. The result is a pre-tokenized dataset (`input_ids`, `assistant_masks`) that trl's
-`SFTTrainer` takes as it is (it builds labels, truncates and packs).
+markers needed. The result is a pre-tokenized dataset (`input_ids`, `assistant_masks`), cached between
+runs (tokencache.py); `training_rows` turns it into labels, truncated to the plan's max_seq_length and
+packed when the recipe asks, which trl's `SFTTrainer` takes as it is (its own preparation is skipped).
 """
 
 from __future__ import annotations
@@ -349,3 +350,27 @@ def resolve_chat_template(recipe: Recipe) -> str | None:
             raise UserError(f"data.chat_template: '{t}' is neither a Jinja template nor an existing file")
         return path.read_text(encoding="utf-8")
     return t
+
+
+def training_rows(ds, max_len: int, packing: bool = False, seed: int = 0):
+    """The tokenized dataset as the trainer takes it: `labels` (-100 where no loss), truncated to `max_len`
+    (keeping the start), samples left without any loss token dropped; with `packing`, samples packed
+    into rows of `max_len` by trl's best-fit-decreasing (`seq_lengths` keeps the boundaries).
+    Returns (dataset, number dropped)."""
+    from datasets import Dataset
+
+    ids_col, mask_col = ds["input_ids"], ds["assistant_masks"]
+    ids_out, labels_out = [], []
+    for ids, mask in zip(ids_col, mask_col):
+        ids, mask = ids[:max_len], mask[:max_len]
+        if not any(mask):
+            continue
+        ids_out.append(ids)
+        labels_out.append([t if m else -100 for t, m in zip(ids, mask)])
+    dropped = len(ids_col) - len(ids_out)
+    out = Dataset.from_dict({"input_ids": ids_out, "labels": labels_out})
+    if packing and len(out):
+        from trl.data_utils import pack_dataset
+
+        out = pack_dataset(out.shuffle(seed=seed), max_len, "bfd")
+    return out, dropped

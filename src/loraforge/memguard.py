@@ -152,7 +152,10 @@ def preflight(trainer, plan, hw, pad_id: int | None, run_dir: Path | None = None
             f"micro-batch {micro} x accumulation {accum} x {world} = global batch {micro * accum * world}")
     log.warning(note)
     new_batch = replace(batch, micro_batch_size=micro, gradient_accumulation_steps=accum)
-    new_plan = replace(plan, batch=new_batch, notes=plan.notes + (note,))
+    rows = None if plan.rows_per_forward is None else min(plan.rows_per_forward, micro)
+    new_plan = replace(plan, batch=new_batch, notes=plan.notes + (note,), rows_per_forward=rows)
+    if getattr(trainer, "lf_rows_per_forward", None):
+        trainer.lf_rows_per_forward = rows
     args = trainer.args
     args.per_device_train_batch_size = micro
     args.per_device_eval_batch_size = micro

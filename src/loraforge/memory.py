@@ -371,6 +371,12 @@ def estimate(shape: ModelShape, s: TrainSetup) -> MemoryEstimate:
         (min(tokens, 2 * HEAD_TOKEN_TILE) * h * comp if cast_h else 0) + w_chunk,  # two token tiles
         w_chunk + h_chunk + tokens * h * head_in,  # the gradient cast back at the end
     )
+    if not gpu:
+        # The CPU runs loraforge's plain head (trainer.add_plain_lm_head): logits of the labelled positions
+        # (at most every token), saved as log-probabilities for the backward, plus the logits and their
+        # gradient while it runs.
+        head_saved = tokens * (head_in * h + 8 + V * 4)
+        head_fwd = head_bwd = tokens * V * 4 * 2
     transient = max(head_fwd, head_bwd, layer_transient)
 
     static = weights + qconst + lora + grads + opt_state + ddp_buckets

@@ -128,6 +128,10 @@ class Plan:
     budget_gib: float | None = None
     fits: bool | None = None
     suggestions: tuple[str, ...] = ()
+    # How a micro-batch runs: its samples packed into rows of max_seq_length (batching.py), `rows_per_forward`
+    # rows per forward/backward pass (None: all at once), the loss through trl's fused head or a plain one.
+    rows_per_forward: int | None = None
+    loss_head: str = "fused"
 
     def memory_dict(self) -> dict:
         m = self.memory or {}
@@ -154,6 +158,8 @@ class Plan:
             "max_seq_length": self.max_seq_length,
             "gradient_checkpointing": self.gradient_checkpointing,
             "strategy": self.strategy,
+            "rows_per_forward": self.rows_per_forward,
+            "loss_head": self.loss_head,
             "precision": asdict(self.precision) | {"label": self.precision.label},
             "notes": list(self.batch.notes) + list(self.notes),
         }
@@ -323,6 +329,27 @@ def suggest(shape, setup, budget_gib: float, lengths: list[int] | None = None) -
     return out
 
 
+CPU_EXECUTION_NOTE = (
+    "CPU: each step's samples are packed into rows of max_seq_length tokens and run one row per forward "
+    "(memory of one full-length sample; a CPU is no faster with more rows at once)"
+)
+
+
+def choose_loss_head(requested: str, cpu: bool) -> str:
+    """The recipe's choice, or for auto: the plain head on the CPU, trl's fused head on GPUs."""
+    if requested != "auto":
+        return requested
+    return "plain" if cpu else "fused"
+
+
+def cpu_execution(batch: BatchPlan, fixed_micro: bool) -> BatchPlan:
+    """On the CPU the whole per-process share of the step is one micro-batch (more samples per pack, fewer
+    rows), unless the recipe fixed the split; memory is bounded by one row per forward instead."""
+    if fixed_micro:
+        return batch
+    return plan_batch(batch.requested_global_batch, batch.world_size, max_micro_batch=10**9)
+
+
 def setup_for(recipe, precision: Precision, hw, strategy: str, seq_len: int = 512):
     """The memory model's view of what the trainer will run for `recipe` on `hw`."""
     from .memory import TrainSetup
@@ -358,23 +385,39 @@ def plan_with_memory(recipe, hw, precision: Precision, strategy: str, shape, lon
     if recipe.data.max_seq_length == "auto":
         notes.append(f"max_seq_length auto: longest sample {longest_sample} tokens" if lengths
                      else f"max_seq_length auto: no data read, starting from the model's context ({seqs[0]})")
+    cpu = precision.use_cpu
+    fixed = t.micro_batch_size != "auto" or t.gradient_accumulation_steps != "auto"
     sol = solve(
         shape,
         setup_for(recipe, precision, hw, strategy),
         t.global_batch_size,
         hw.budget_gib,
-        micro_batch=None if t.micro_batch_size == "auto" else t.micro_batch_size,
-        grad_accum=None if t.gradient_accumulation_steps == "auto" else t.gradient_accumulation_steps,
+        # on the CPU one row runs per forward: that is what memory must hold
+        micro_batch=1 if cpu else None if t.micro_batch_size == "auto" else t.micro_batch_size,
+        grad_accum=None if cpu or t.gradient_accumulation_steps == "auto" else t.gradient_accumulation_steps,
         gradient_checkpointing=None if t.gradient_checkpointing == "auto" else bool(t.gradient_checkpointing),
         seqs=seqs,
         lengths=lengths,
     )
     if recipe.lora.use_dora:
         notes.append("DoRA is not in the memory model: it needs more than predicted")
+    batch, rows = sol.batch, sol.batch.micro_batch_size
+    head = choose_loss_head(t.loss_head, cpu)
+    sol_notes = sol.notes
+    if head == "plain" and not cpu:
+        sol_notes += ("loss_head plain on a GPU: the memory model assumes the fused head; the plain one also holds "
+                      "labelled tokens x vocabulary x 8 bytes",)
+    if cpu:
+        batch = cpu_execution(plan_batch(t.global_batch_size, hw.world_size,
+                                         None if t.micro_batch_size == "auto" else t.micro_batch_size,
+                                         None if t.gradient_accumulation_steps == "auto" else t.gradient_accumulation_steps),
+                              fixed)
+        rows = 1
+        sol_notes = tuple(n for n in sol_notes if not n.startswith("micro-batch ")) + (CPU_EXECUTION_NOTE,)
     return Plan(
-        batch=sol.batch, precision=precision, max_seq_length=sol.seq_len, gradient_checkpointing=sol.gradient_checkpointing,
-        strategy=strategy, notes=tuple(notes) + sol.notes, memory=sol.estimate.to_dict(), budget_gib=sol.budget_gib,
-        fits=sol.fits, suggestions=sol.suggestions,
+        batch=batch, precision=precision, max_seq_length=sol.seq_len, gradient_checkpointing=sol.gradient_checkpointing,
+        strategy=strategy, notes=tuple(notes) + sol_notes, memory=sol.estimate.to_dict(), budget_gib=sol.budget_gib,
+        fits=sol.fits, suggestions=sol.suggestions, rows_per_forward=rows, loss_head=head,
     )
 
 

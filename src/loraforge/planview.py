@@ -113,7 +113,7 @@ def render(out: dict, title: str, console) -> None:
 
     table = Table(title=title, show_header=False)
     for key in ("micro_batch_size", "gradient_accumulation_steps", "world_size", "global_batch_size",
-                "max_seq_length", "gradient_checkpointing", "strategy"):
+                "max_seq_length", "gradient_checkpointing", "strategy", "rows_per_forward", "loss_head"):
         table.add_row(key, str(out[key]))
     table.add_row("precision", out["precision"]["label"])
     hw = out["hardware"]

@@ -113,6 +113,9 @@ class TrainingSection(_Strict):
     micro_batch_size: int | Auto = "auto"
     gradient_accumulation_steps: int | Auto = "auto"
     gradient_checkpointing: bool | Auto = "auto"
+    loss_head: Literal["auto", "plain", "fused"] = Field(
+        "auto", description="LM head for the loss: plain (labelled positions only; fast on CPUs) or trl's chunked "
+        "fused head (never holds the logits; GPUs). auto = plain on the CPU, fused on GPUs.")
     logging_steps: int = Field(10, ge=1)
     eval_steps: int | None = Field(None, ge=1, description="Evaluate every N steps (default: at the end).")
     save_steps: int | None = Field(None, ge=1, description="Checkpoint every N steps (default: at the end only).")

@@ -54,7 +54,12 @@ class RunResult:
     peak_memory_gib: float | None = None
     memory_measured: str | None = None  # cuda_allocated / process_rss
     predicted_peak_gib: float | None = None
-    mfu: float | None = None  # model FLOPs utilisation, GPUs only
+    mfu: float | None = None  # model FLOPs utilisation (flops.py): GPU datasheet peak, or measured CPU peak
+    flops_per_token: float | None = None  # model FLOPs of a LoRA step per real token
+    peak_flops: float | None = None  # per device
+    peak_source: str | None = None
+    startup_s: float | None = None  # command -> end of the first optimizer step
+    startup_stages: dict = field(default_factory=dict)  # seconds from the command to the end of each stage
     samples: list[dict] = field(default_factory=list)
 
     def summary(self) -> dict:
@@ -102,7 +107,17 @@ def make_plan(recipe: Recipe, hw, longest_sample: int, model_max: int | None, sh
     check_supported(strategy, recipe.quantization.mode != "none")
     if strategy == "fsdp" and hw.kind == "cpu":
         notes.append("on CPU, accelerate runs FSDP as plain DDP: the weights are not sharded here (a GPU run is)")
-    return Plan(batch=batch, precision=precision, max_seq_length=seq, gradient_checkpointing=gc, strategy=strategy, notes=tuple(notes))
+    from .planner import choose_loss_head
+
+    rows, head = batch.micro_batch_size, choose_loss_head(t.loss_head, precision.use_cpu)
+    if precision.use_cpu:
+        from .planner import CPU_EXECUTION_NOTE, cpu_execution
+
+        fixed = t.micro_batch_size != "auto" or t.gradient_accumulation_steps != "auto"
+        batch, rows = cpu_execution(batch, fixed), 1
+        notes.append(CPU_EXECUTION_NOTE)
+    return Plan(batch=batch, precision=precision, max_seq_length=seq, gradient_checkpointing=gc, strategy=strategy,
+                notes=tuple(notes), rows_per_forward=rows, loss_head=head)
 
 
 
@@ -117,10 +132,11 @@ class Prepared:
     model_dir: str
     lengths: list[int]
     truncated: tuple[int, float]
+    shape: object = None  # memory.ModelShape, None for an architecture the memory model does not know
 
     def data_summary(self) -> dict:
         return {
-            "train_examples": len(self.train_ds),
+            "train_examples": len(self.lengths),
             "eval_examples": len(self.eval_ds) if self.eval_ds is not None else 0,
             "longest_sample_tokens": max(self.lengths),
             "train_tokens": sum(self.lengths),
@@ -145,9 +161,19 @@ def prepare(recipe: Recipe, hw) -> Prepared:
 
     model_dir = base_model_dir(recipe)
     tokenizer = load_tokenizer(model_dir, recipe, template)
-    train_ds = data_mod.tokenize_all(train_ex, tokenizer, None, recipe.data.loss_on)
-    eval_ds = data_mod.tokenize_all(eval_ex, tokenizer, None, recipe.data.loss_on) if eval_ex else None
-    lengths = [len(x) for x in train_ds["input_ids"]]
+    from . import tokencache
+
+    key = tokencache.cache_key(train_ex, eval_ex, tokenizer, recipe.data.loss_on)
+    cached = tokencache.load(key)
+    if cached is not None:
+        train_ds, eval_ds, lengths = cached
+        log.info("tokenized data from the cache (%s)", key)
+    else:
+        train_ds = data_mod.tokenize_all(train_ex, tokenizer, None, recipe.data.loss_on)
+        eval_ds = data_mod.tokenize_all(eval_ex, tokenizer, None, recipe.data.loss_on) if eval_ex else None
+        lengths = [len(x) for x in train_ds["input_ids"]]
+        if hw.rank == 0:  # one writer; the others tokenize too (the same result) rather than wait
+            tokencache.save(key, train_ds, eval_ds, lengths)
 
     config = AutoConfig.from_pretrained(
         model_dir, trust_remote_code=recipe.model.trust_remote_code, revision=recipe.model.revision
@@ -155,7 +181,8 @@ def prepare(recipe: Recipe, hw) -> Prepared:
     model_max = getattr(config, "max_position_embeddings", None)
     from .memory import model_shape
 
-    plan = make_plan(recipe, hw, max(lengths), model_max, shape=model_shape(config.to_dict()), lengths=lengths)
+    shape = model_shape(config.to_dict())
+    plan = make_plan(recipe, hw, max(lengths), model_max, shape=shape, lengths=lengths)
     if model_max and plan.max_seq_length > model_max:
         raise UserError(
             f"data.max_seq_length: {plan.max_seq_length} is beyond the model's context of {model_max} tokens; "
@@ -167,7 +194,18 @@ def prepare(recipe: Recipe, hw) -> Prepared:
             "%d of %d samples are longer than max_seq_length %d; truncation cuts %.1f%% of the tokens",
             truncated[0], len(lengths), plan.max_seq_length, 100 * truncated[1],
         )
-    return Prepared(plan, tokenizer, train_ds, eval_ds, model_dir, lengths, truncated)
+    seed = recipe.training.seed
+    train_rows, dropped = data_mod.training_rows(train_ds, plan.max_seq_length, recipe.data.packing, seed)
+    if dropped:
+        log.warning("%d training samples carry no loss token within max_seq_length %d and are left out",
+                    dropped, plan.max_seq_length)
+    if not len(train_rows):
+        raise UserError(f"data.sources: no sample has a loss token within max_seq_length {plan.max_seq_length}; "
+                        "raise data.max_seq_length or check data.loss_on")
+    eval_rows = data_mod.training_rows(eval_ds, plan.max_seq_length)[0] if eval_ds is not None else None
+    if eval_rows is not None and not len(eval_rows):
+        eval_rows = None
+    return Prepared(plan, tokenizer, train_rows, eval_rows, model_dir, lengths, truncated, shape)
 
 
 def prepare_run_dir(recipe: Recipe, overwrite: bool, is_main: bool) -> tuple[Path, bool]:
@@ -229,7 +267,8 @@ def sft_config(recipe: Recipe, plan, run_dir: Path, quiet: bool):
         activation_checkpointing_kwargs={"use_reentrant": False},
         ddp_find_unused_parameters=False,
         max_length=plan.max_seq_length,
-        packing=recipe.data.packing,
+        packing=False,  # done in prepare() (data.training_rows); batching.RowCollator builds the rows
+        dataset_kwargs={"skip_prepare_dataset": True},  # tokenized, labelled and truncated by loraforge
         logging_steps=t.logging_steps,
         logging_first_step=True,
         eval_strategy=("steps" if t.eval_steps else "no") if has_eval else "no",
@@ -247,9 +286,12 @@ def sft_config(recipe: Recipe, plan, run_dir: Path, quiet: bool):
 
 def run(recipe: Recipe, overwrite: bool = False, quiet: bool = False) -> RunResult:
     """Train `recipe` end to end in this process (one of possibly many ranks)."""
+    from .callbacks import process_start_time
     from .hardware import detect
 
     t0 = time.time()
+    started = process_start_time()
+    stages = {"imports": round(t0 - started, 2)}
     if recipe.training.device == "gpu":
         import torch
 
@@ -272,6 +314,7 @@ def run(recipe: Recipe, overwrite: bool = False, quiet: bool = False) -> RunResu
 
     stop = StopOnSignal()  # USR1/TERM: finish the step, checkpoint, exit 75 (SLURM requeues; see preemption.py)
     prep = prepare(recipe, hw)
+    stages["data_and_plan"] = round(time.time() - started, 2)
     plan, tokenizer = prep.plan, prep.tokenizer
     if plan.fits is False:  # the memory model says it cannot fit: do not launch
         from .planner import unfit_message
@@ -287,6 +330,7 @@ def run(recipe: Recipe, overwrite: bool = False, quiet: bool = False) -> RunResu
         **base_placement(hw.kind, plan.strategy, hw.local_rank, plan.precision.model_dtype),
     )
     model, trainable, total = add_lora(model, recipe, plan.gradient_checkpointing)
+    stages["model"] = round(time.time() - started, 2)
     if is_main:
         log.info("LoRA: %s trainable of %s parameters (%.2f%%)", f"{trainable:,}", f"{total:,}", 100 * trainable / total)
 
@@ -307,9 +351,15 @@ def run(recipe: Recipe, overwrite: bool = False, quiet: bool = False) -> RunResu
     if is_main:
         for leftover in clean_incomplete(ckpt_dir):
             log.info("removed incomplete checkpoint %s", leftover)
+    from .batching import RowCollator
+
+    attn = getattr(model.config, "_attn_implementation", None) or ""
     trainer = make_trainer_class()(
         model=model,
         args=sft_config(recipe, plan, run_dir, quiet),
+        data_collator=RowCollator(tokenizer.pad_token_id, plan.max_seq_length, flatten="flash" in attn),
+        loss_head=plan.loss_head,
+        rows_per_forward=plan.rows_per_forward,
         train_dataset=prep.train_ds,
         eval_dataset=prep.eval_ds,
         processing_class=tokenizer,
@@ -329,6 +379,10 @@ def run(recipe: Recipe, overwrite: bool = False, quiet: bool = False) -> RunResu
     for default in (PrinterCallback, ProgressCallback):  # replaced by one bar with loss and tokens/s
         trainer.remove_callback(default)
     trainer.add_callback(ProgressBar(enabled=not quiet))
+    from .callbacks import StartupTimer
+
+    startup = StartupTimer()
+    trainer.add_callback(startup)
     trainer.accelerator.wait_for_everyone()  # the main process has cleaned up before anyone looks
     last = latest_complete(ckpt_dir)
     if last and is_main:
@@ -338,7 +392,10 @@ def run(recipe: Recipe, overwrite: bool = False, quiet: bool = False) -> RunResu
     plan = preflight(trainer, plan, hw, tokenizer.pad_token_id, run_dir)  # shrinks micro-batch on OOM, all ranks
     trainer.add_callback(measured_peak_callback(plan, run_dir))
     trainer.add_callback(stop)
+    stages["trainer"] = round(time.time() - started, 2)
     out = trainer.train(resume_from_checkpoint=str(last) if last else None)
+    if startup.startup_s is not None:
+        stages["first_step"] = round(startup.startup_s, 2)
     exit_if_preempted(trainer, stop, run_dir)  # stopped on a signal: checkpoint written, exits here
     eval_loss = None
     if prep.eval_ds is not None:
@@ -350,12 +407,22 @@ def run(recipe: Recipe, overwrite: bool = False, quiet: bool = False) -> RunResu
     tokens = int(getattr(trainer, "_total_train_tokens", 0))
     runtime = out.metrics.get("train_runtime") or 0.0
     tps = tokens / runtime if runtime and tokens else None
+    from . import flops
+
+    per_token = peak_flops = source = None
+    if prep.shape is not None:
+        seq = plan.max_seq_length
+        per_token = flops.lora_step_flops_per_token(prep.shape, recipe.lora.r, recipe.lora.target_modules,
+                                                     [min(n, seq) for n in prep.lengths])
+        peak_flops, source = flops.device_peak(hw)
     result = RunResult(
         run_dir, trained=True, train_loss=out.training_loss, eval_loss=eval_loss,
         steps=trainer.state.global_step, wall_s=time.time() - t0, trainable_params=trainable, total_params=total,
         tokens_seen=tokens, tokens_per_second=tps, peak_memory_gib=peak, memory_measured=measured,
         predicted_peak_gib=plan.to_dict().get("predicted_peak_gib"),
-        mfu=model_flops_utilisation(tps, total, hw),
+        mfu=flops.mfu(tps, per_token, peak_flops, hw.world_size) if per_token else None,
+        flops_per_token=per_token, peak_flops=peak_flops, peak_source=source, startup_s=startup.startup_s,
+        startup_stages=stages,
     )
     trainer.save_model(str(run_dir))  # every rank: ZeRO-3 / FSDP gather the adapter together; rank 0 writes
     if trainer.is_world_process_zero():
@@ -371,22 +438,6 @@ def run(recipe: Recipe, overwrite: bool = False, quiet: bool = False) -> RunResu
         write_model_card(run_dir)  # README.md + plots/*.png (replaces peft's empty template)
     trainer.accelerator.wait_for_everyone()
     return result
-
-
-# Dense bf16/fp16 tensor-core peaks (TFLOP/s) by GPU name fragment, for the MFU estimate.
-GPU_PEAK_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "A10": 125.0, "L40": 181.0, "L4": 121.0,
-                   "4090": 165.0, "3090": 71.0, "3060": 51.0, "V100": 125.0, "T4": 65.0}
-
-
-def model_flops_utilisation(tokens_per_second: float | None, params: int, hw) -> float | None:
-    """Achieved / peak FLOPs on GPUs. A LoRA step costs ~4 x params FLOPs per token (forward 2N, backward
-    through the frozen weights 2N; no weight gradients for them); attention FLOPs are left out."""
-    if not tokens_per_second or hw.kind != "cuda" or not hw.gpus:
-        return None
-    peak = next((v for k, v in GPU_PEAK_TFLOPS.items() if k in hw.gpus[0].name), None)
-    if peak is None:
-        return None
-    return 4 * params * tokens_per_second / (peak * 1e12 * max(1, hw.world_size))
 
 
 def compare_samples(recipe: Recipe, run_dir: Path, tokenizer=None, model=None) -> list[dict]:

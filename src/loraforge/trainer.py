@@ -5,10 +5,20 @@
 - `log`: every training log also carries `tokens_per_second` (real, non-padding tokens over all
   processes, since the previous log) and `peak_memory_gib` (CUDA allocated on a GPU, process RSS on
   the CPU), so the progress bar, metrics.jsonl, W&B and TensorBoard all see them.
+- `compute_loss`: batches come from batching.RowCollator (padding-free rows, pre-shifted labels). The
+  loss is the summed next-token NLL over the step's loss tokens divided by their count over the whole
+  step (all micro-batches, all processes), so any split of a step gives the same gradient. The LM head
+  is either trl's chunked fused head (GPUs: never holds the full logits) or a plain one that projects
+  only the positions that carry a label (the CPU: trl's tiles are recomputed in its backward, which made
+  the step 2x slower here; a plain head over the loss positions is one matmul each way).
+- `training_step`: a micro-batch of several rows can run as several forward/backward passes of
+  `rows_per_forward` rows (gradients accumulated without DDP sync until the last), so that memory is
+  bounded by one row of max_seq_length tokens whatever the number of samples in the step.
 """
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import shutil
@@ -30,17 +40,122 @@ def peak_memory_gib() -> tuple[float, str]:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, "process_rss"  # KiB on Linux
 
 
+# Config attributes that scale or cap the logits: the plain head leaves such models to trl's fused head.
+_LOGIT_TRANSFORMS = ("final_logit_softcapping", "logit_scale", "output_multiplier", "lm_head_multiplier", "logits_scaling")
+
+
+def plain_head_supported(config) -> bool:
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    return all(getattr(text, a, None) is None for a in _LOGIT_TRANSFORMS)
+
+
+def add_plain_lm_head(model) -> None:
+    """`model(..., shift_labels=..., lf_plain_head=True)` returns the summed NLL of the labelled positions
+    (`nll_sum`), their count (`n_valid`) and how many the model ranks first (`n_correct`), projecting only
+    those positions through the LM head. Any other call goes to the forward as it was (generation too)."""
+    import functools
+    import types
+
+    import torch
+    import torch.nn.functional as F
+
+    previous = model.forward
+
+    @functools.wraps(type(model).forward)
+    def forward(self, *args, lf_plain_head=False, shift_labels=None, **kwargs):
+        if not lf_plain_head:
+            if shift_labels is not None:
+                kwargs["shift_labels"] = shift_labels
+            return previous(*args, **kwargs)
+        kwargs["use_cache"] = False
+        hidden = self.base_model(*args, **kwargs).last_hidden_state
+        head = self.get_output_embeddings()
+        labels = shift_labels.to(hidden.device)
+        mask = labels != -100
+        logits = head(hidden[mask].to(head.weight.device)).float()
+        target = labels[mask].to(logits.device)
+        nll = F.cross_entropy(logits, target, reduction="sum")
+        with torch.no_grad():
+            correct = (logits.argmax(-1) == target).sum()
+        return {"nll_sum": nll, "n_valid": mask.sum(), "n_correct": correct}
+
+    model.forward = types.MethodType(forward, model)
+
+
 def make_trainer_class():
     """Build the subclass lazily: importing trl is slow and not needed for plan/recipe work."""
     from trl import SFTTrainer
 
+    import torch
+
+    from .batching import split_rows
+
     class LoraforgeTrainer(SFTTrainer):
         _lf_last: tuple[float, int] | None = None
+        _lf_pending = None
 
-        def training_step(self, *args, **kwargs):
+        def __init__(self, *args, loss_head: str = "fused", rows_per_forward: int | None = None, **kwargs):
+            super().__init__(*args, **kwargs)
+            base = self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
+            self.lf_plain_head = loss_head == "plain" and plain_head_supported(base.config)
+            if self.lf_plain_head:
+                add_plain_lm_head(base)
+            # DeepSpeed counts its own micro-steps per backward: never split a micro-batch under it
+            self.lf_rows_per_forward = None if self.is_deepspeed_enabled else rows_per_forward
+            self.loss_is_scaled_for_ga = True  # compute_loss divides by the step's loss-token count
+
+        def training_step(self, model, inputs, num_items_in_batch=None):
             if self._lf_last is None:
                 self._lf_last = (time.time(), getattr(self, "_total_train_tokens", 0))
-            return super().training_step(*args, **kwargs)
+            if num_items_in_batch is None:  # a model without loss kwargs: this micro-batch's loss tokens, all ranks
+                local = (inputs["shift_labels"] != -100).sum().to(self.args.device)
+                num_items_in_batch = self.accelerator.gather(local.view(1)).sum() * self.current_gradient_accumulation_steps
+            chunks = split_rows(inputs, self.lf_rows_per_forward) if self.lf_rows_per_forward else [inputs]
+            total = None
+            for i, chunk in enumerate(chunks):
+                last = i == len(chunks) - 1
+                with contextlib.nullcontext() if last else self.accelerator.no_sync(model):
+                    loss = super().training_step(model, chunk, num_items_in_batch)
+                total = loss if total is None else total + loss
+            self._lf_flush("train")  # once per micro-batch: ranks may run different numbers of chunks
+            return total
+
+        def prediction_step(self, *args, **kwargs):
+            out = super().prediction_step(*args, **kwargs)
+            self._lf_flush("eval")
+            return out
+
+        def _lf_flush(self, mode):
+            """Gather the pending (loss tokens, top-1 hits, real tokens) of every process: metrics and throughput."""
+            local, self._lf_pending = self._lf_pending, None
+            if local is None:
+                local = torch.zeros(3, dtype=torch.long, device=self.args.device)
+            stats = self.accelerator.gather_for_metrics(local.view(1, 3)).view(-1, 3).sum(0)
+            if stats[0] > 0:
+                self._metrics[mode]["mean_token_accuracy"].append((stats[1] / stats[0]).item())
+            if mode == "train":
+                self._total_train_tokens += int(stats[2].item())
+            self._metrics[mode]["num_tokens"] = [self._total_train_tokens]
+
+        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            real = inputs.pop("row_lengths").sum()
+            inputs.pop("labels", None)
+            inputs["use_cache"] = False
+            if self.lf_plain_head:
+                out = model(**inputs, lf_plain_head=True)
+                nll, n_valid, n_correct = out["nll_sum"], out["n_valid"], out["n_correct"]
+            else:
+                out = model(**inputs, fused_lm_head=True)
+                nll, n_valid, n_correct = -out.log_probs.sum(), out.label_mask.sum(), out.is_top1.sum()
+            denom = n_valid if num_items_in_batch is None else num_items_in_batch
+            loss = nll / torch.as_tensor(denom, device=nll.device).clamp(min=1)
+            if self.args.average_tokens_across_devices and num_items_in_batch is not None:
+                loss = loss * self.accelerator.num_processes  # DDP averages the gradients over the processes
+            step = torch.stack([n_valid, n_correct, real.to(n_valid.device)]).detach().long()
+            self._lf_pending = step if self._lf_pending is None else self._lf_pending + step
+            if return_outputs:
+                return loss, out
+            return loss
 
         def log(self, logs, start_time=None):
             if "loss" in logs and self._lf_last is not None:

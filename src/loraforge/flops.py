@@ -1,0 +1,69 @@
+"""How far from the hardware limit: model FLOPs of a LoRA step per real token, and the device's peak.
+
+Model FLOPs per real (non-padding) token of one LoRA training step, from the architecture alone:
+- every frozen linear layer, the LM head included: forward 2·n and backward to its input 2·n FLOPs for
+  n weights (no weight gradient: the base is frozen);
+- the LoRA adapters: forward, input gradient and weight gradient, 2·m each for m adapter weights;
+- attention: QKᵀ and AV cost 4·d FLOPs per layer per token per position attended (d = heads x head_dim),
+  a causal token at position t attends t + 1 positions; the backward costs twice the forward.
+Padding and recomputation (gradient checkpointing) are not model FLOPs: MFU = model FLOPs per token x
+real tokens per second / peak FLOP/s, so wasted work shows as lower MFU.
+
+The peak: on a GPU the dense bf16/fp16 tensor-core figure of its datasheet; on the CPU it is measured,
+the best of a few fp32 matrix multiplications on all threads (the CPU trains in fp32).
+"""
+
+from __future__ import annotations
+
+import time
+
+# Dense bf16/fp16 tensor-core peaks (TFLOP/s) by GPU name fragment.
+GPU_PEAK_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "A10": 125.0, "L40": 181.0, "L4": 121.0,
+                   "4090": 165.0, "3090": 71.0, "3060": 51.0, "V100": 125.0, "T4": 65.0}
+
+
+def mean_attended(lengths: list[int]) -> float:
+    """Positions a token attends to, on average over all tokens of causal samples of these lengths."""
+    tokens = sum(lengths)
+    return sum(n * (n + 1) / 2 for n in lengths) / tokens if tokens else 0.0
+
+
+def lora_step_flops_per_token(shape, lora_r: int, targets, lengths: list[int]) -> float:
+    """Model FLOPs of one LoRA training step per real token (see the module docstring)."""
+    frozen = shape.layers * shape.linear_params_per_layer + shape.vocab * shape.hidden  # decoder linears + head
+    adapters = shape.lora_params(lora_r, targets)
+    attn_fwd = shape.layers * 4 * shape.heads * shape.head_dim * mean_attended(lengths)
+    return 4.0 * frozen + 6.0 * adapters + 3.0 * attn_fwd
+
+
+def measure_cpu_matmul_peak(n: int = 2048, repeats: int = 5) -> float:
+    """FLOP/s of the best of `repeats` fp32 n x n matrix multiplications, on torch's threads."""
+    import torch
+
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    torch.mm(a, b)  # warm-up: thread pool, caches
+    best = float("inf")
+    for _ in range(repeats):
+        t = time.perf_counter()
+        torch.mm(a, b)
+        best = min(best, time.perf_counter() - t)
+    return 2.0 * n**3 / best
+
+
+def gpu_peak_flops(name: str) -> float | None:
+    tflops = next((v for k, v in GPU_PEAK_TFLOPS.items() if k in name), None)
+    return None if tflops is None else tflops * 1e12
+
+
+def device_peak(hw) -> tuple[float | None, str]:
+    """(peak FLOP/s of one device, where the figure comes from)."""
+    if hw.kind == "cuda" and hw.gpus:
+        peak = gpu_peak_flops(hw.gpus[0].name)
+        return peak, f"{hw.gpus[0].name} dense bf16/fp16 datasheet peak" if peak else "unknown GPU"
+    return measure_cpu_matmul_peak(), "measured fp32 matmul peak of this CPU (all threads)"
+
+
+def mfu(tokens_per_second: float | None, flops_per_token: float, peak: float | None, devices: int = 1) -> float | None:
+    if not tokens_per_second or not peak:
+        return None
+    return flops_per_token * tokens_per_second / (peak * max(1, devices))

@@ -1,0 +1,101 @@
+"""Tokenized data cached between runs, keyed by what decides it: data + tokenizer + settings.
+
+The records are still read and validated on every run (cheap; a bad line is reported as before); what
+is cached is their tokenization, the slow part. The key hashes the normalised records themselves (so
+the data files, formats, system prompt and eval split are all in it), the tokenizer's full definition
+(vocabulary, merges, normalisers, special tokens) and chat template, `loss_on`, and the versions of
+loraforge, transformers and tokenizers. Settings that act after tokenization (max_seq_length, packing)
+are applied to the cached tokens on every run, so changing them reuses the entry.
+
+Entries are written to a temporary directory and renamed into place, so a killed run never leaves a
+half-written entry; a damaged entry is ignored and rewritten.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+from pathlib import Path
+
+log = logging.getLogger("loraforge")
+
+FORMAT = 1  # bump when what is stored changes
+
+
+def tokenizer_digest(tokenizer) -> str:
+    h = hashlib.sha256()
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is not None:
+        h.update(backend.to_str().encode())
+    else:
+        h.update(json.dumps(tokenizer.get_vocab(), sort_keys=True).encode())
+    h.update(json.dumps(
+        {"template": tokenizer.chat_template, "special": tokenizer.special_tokens_map, "class": type(tokenizer).__name__},
+        sort_keys=True, default=str,
+    ).encode())
+    return h.hexdigest()
+
+
+def cache_key(train_examples: list, eval_examples: list, tokenizer, loss_on: str) -> str:
+    """The entry's key: the normalised records themselves (after format detection, system prompt and the
+    eval split), the tokenizer's full definition and chat template, what carries the loss, and versions."""
+    from importlib.metadata import version
+
+    import loraforge
+
+    h = hashlib.sha256()
+    for part in (train_examples, eval_examples):
+        h.update(json.dumps(part, sort_keys=True, ensure_ascii=False, default=str).encode())
+        h.update(b"\0")
+    h.update(json.dumps({
+        "format": FORMAT, "tokenizer": tokenizer_digest(tokenizer), "loss_on": loss_on,
+        "versions": [loraforge.__version__, version("transformers"), version("tokenizers")],
+    }, sort_keys=True).encode())
+    return h.hexdigest()[:24]
+
+
+def _entry(key: str) -> Path:
+    from .modeling import cache_root
+
+    return cache_root() / "tokenized" / key
+
+
+def load(key: str | None):
+    """(train, eval or None, train lengths) from the cache, or None on a miss."""
+    if key is None or os.environ.get("LORAFORGE_NO_DATA_CACHE"):
+        return None
+    entry = _entry(key)
+    try:
+        meta = json.loads((entry / "meta.json").read_text())
+        from datasets import load_from_disk
+
+        train = load_from_disk(str(entry / "train"))
+        evald = load_from_disk(str(entry / "eval")) if meta["has_eval"] else None
+        return train, evald, meta["lengths"]
+    except FileNotFoundError:
+        return None
+    except Exception as e:  # a damaged entry: tokenize again and overwrite it
+        log.warning("ignoring a damaged tokenized-data cache entry %s (%s)", entry, e)
+        return None
+
+
+def save(key: str | None, train, evald, lengths: list[int]) -> None:
+    if key is None or os.environ.get("LORAFORGE_NO_DATA_CACHE"):
+        return
+    entry = _entry(key)
+    tmp = entry.with_name(f".{key}.{os.getpid()}.tmp")
+    try:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        train.save_to_disk(str(tmp / "train"))
+        if evald is not None:
+            evald.save_to_disk(str(tmp / "eval"))
+        (tmp / "meta.json").write_text(json.dumps({"has_eval": evald is not None, "lengths": lengths}))
+        shutil.rmtree(entry, ignore_errors=True)
+        os.replace(tmp, entry)
+    except OSError as e:  # a full or read-only cache never stops training
+        log.warning("could not write the tokenized-data cache (%s); the next run tokenizes again", e)
+        shutil.rmtree(tmp, ignore_errors=True)

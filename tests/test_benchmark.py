@@ -1,0 +1,31 @@
+"""The throughput benchmark runs end to end (a smoke run on the tiny model) and its three variants did the
+same work: the same real tokens, from the same records, in the same number of optimizer steps."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from conftest import REPO
+
+
+@pytest.mark.slow
+def test_benchmark_smoke_run_compares_the_same_work(tmp_path):
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "benchmarks" / "throughput.py"), "--models", "tiny", "--steps", "2",
+         "--records", "24", "--work", str(tmp_path), "--no-startup"],
+        capture_output=True, text=True, timeout=900,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    rows = json.loads((tmp_path / "results.json").read_text())["rows"]
+    assert [r["variant"] for r in rows] == ["a", "b", "c", "f"]
+    assert len({r["real_tokens"] for r in rows}) == 1  # the same samples, counted the same way
+    assert all(r["tokens_per_s"] > 0 and 0 < r["mfu"] < 1 and r["eval_loss"] > 0 for r in rows)
+    last = proc.stdout.strip().splitlines()[-4:]
+    assert last[0].startswith("tiny: (b) trl defaults / (a) textbook:") and "x real tokens/s" in last[0]
+    assert last[1].startswith("tiny: (c) w/ fused head / (a) textbook:")
+    assert last[2].startswith("tiny: (c) loraforge / (a) textbook:")
+    assert last[3].startswith("tiny: (c) loraforge / (b) trl defaults:")
