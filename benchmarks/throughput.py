@@ -1,6 +1,6 @@
 """Side by side, in one run: the textbook LoRA recipe, trl's SFTTrainer with its defaults, and loraforge.
 
-    python benchmarks/throughput.py                  # tiny model + SmolLM2-135M, 20 steps each (~25 min on 2 CPU cores)
+    python benchmarks/throughput.py                  # tiny model + SmolLM2-135M, 20 steps each (~47 min on 2 CPU cores)
     python benchmarks/throughput.py --models tiny --steps 4 --records 64   # a smoke run (~2 min)
 
 Same model, same records (benchmarks/chat_data.py, fixed seed, varied lengths), same hyperparameters

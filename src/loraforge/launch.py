@@ -171,11 +171,9 @@ def plan_launch(recipe, strategy: str, per_node: int | None, nodes: int, hardwar
     if chosen != out.get("strategy"):
         hw, out = plan_for(chosen)
     if out.get("fits") is False:
-        tips = "; ".join(out.get("suggestions") or []) or "use QLoRA, more GPUs, FSDP/ZeRO-3 or shorter sequences"
-        raise UserError(
-            f"the plan does not fit: predicted {out.get('predicted_peak_gib', 0):.1f} GiB per device, budget "
-            f"{out.get('budget_gib', 0):.1f} GiB; {tips} (see `loraforge plan`)"
-        )
+        from .planner import unfit_message
+
+        raise UserError(unfit_message(out))
     batch = BatchPlan(out["micro_batch_size"], out["gradient_accumulation_steps"], out["world_size"],
                       out.get("requested_global_batch_size", out["global_batch_size"]), tuple(out.get("notes", [])))
     return LaunchPlan(chosen, why, hw, out, batch)

@@ -421,10 +421,12 @@ def plan_with_memory(recipe, hw, precision: Precision, strategy: str, shape, lon
     )
 
 
-def unfit_message(plan: Plan) -> str:
-    m = plan.memory or {}
-    head = (f"does not fit: micro-batch {plan.batch.micro_batch_size}, sequence {plan.max_seq_length}, checkpointing "
-            f"{'on' if plan.gradient_checkpointing else 'off'} needs {m.get('predicted_peak_gib', 0):.1f} GiB per device; "
-            f"the budget is {plan.budget_gib:.1f} GiB")
-    alts = "; ".join(plan.suggestions) if plan.suggestions else "no smaller setting fits"
+def unfit_message(plan: dict) -> str:
+    """The one message for a plan that does not fit (`Plan.to_dict()` or `loraforge plan`'s dict): what was
+    tried, what it needs against the budget, and what would fit."""
+    head = (f"does not fit: micro-batch {plan['micro_batch_size']}, sequence {plan['max_seq_length']}, checkpointing "
+            f"{'on' if plan['gradient_checkpointing'] else 'off'} needs {plan.get('predicted_peak_gib') or 0:.1f} GiB "
+            f"per device; the budget is {plan.get('budget_gib') or 0:.1f} GiB")
+    tips = plan.get("suggestions") or []
+    alts = "; ".join(tips) if tips else "no smaller setting fits; use QLoRA, more GPUs, FSDP/ZeRO-3 or shorter sequences"
     return f"{head}. What would fit: {alts} (see `loraforge plan`)"

@@ -319,7 +319,7 @@ def run(recipe: Recipe, overwrite: bool = False, quiet: bool = False) -> RunResu
     if plan.fits is False:  # the memory model says it cannot fit: do not launch
         from .planner import unfit_message
 
-        raise UserError(unfit_message(plan))
+        raise UserError(unfit_message(plan.to_dict()))
     from .modeling import add_lora, base_placement, load_base_model
 
     from transformers import set_seed
