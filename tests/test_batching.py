@@ -119,7 +119,7 @@ def test_plain_head_equals_trls_fused_head(tiny_model_dir):
     inputs = {"input_ids": batch["input_ids"], "position_ids": batch["position_ids"]}
     plain = m(**inputs, shift_labels=batch["shift_labels"], lf_plain_head=True)
     fused = m(**inputs, shift_labels=batch["shift_labels"], fused_lm_head=True)
-    assert float(plain["nll_sum"]) == pytest.approx(float(-fused.log_probs.sum()), rel=1e-5)
+    assert plain["nll_sum"].item() == pytest.approx(-fused.log_probs.sum().item(), rel=1e-5)
     assert int(plain["n_valid"]) == int(fused.label_mask.sum())
     assert int(plain["n_correct"]) == int(fused.is_top1.sum())
     # and without the flag the forward is the model's own (generation keeps working)
