@@ -128,7 +128,6 @@ def _lora_model(model_dir: Path):
 
 
 def child_textbook(model_dir: Path, data: Path, steps: int, lr: float, out: Path) -> dict:
-    import torch
     from datasets import Dataset
     from transformers import AutoTokenizer, Trainer, TrainingArguments
 
@@ -155,7 +154,6 @@ def child_textbook(model_dir: Path, data: Path, steps: int, lr: float, out: Path
     trainer = Counting(model=model, args=args, train_dataset=ds, callbacks=[startup])
     metrics = trainer.train().metrics
     model.save_pretrained(out / "adapter")
-    del torch
     return {"real_tokens": trainer.real_tokens, "train_s": metrics["train_runtime"], "startup_s": startup.startup_s,
             "train_loss": _last_losses(trainer.state.log_history), "adapter": str(out / "adapter")}
 
