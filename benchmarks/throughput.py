@@ -291,7 +291,7 @@ def measure(model_name: str, model_dir: Path, data: Path, work: Path, steps: int
     return rows
 
 
-def flops_per_token(model_dir: Path, data: Path) -> float:
+def flops_per_token(model_dir: Path, data: Path) -> tuple[float, list[int]]:
     from transformers import AutoTokenizer
 
     from loraforge.flops import lora_step_flops_per_token
@@ -323,14 +323,6 @@ def quickstart_startup(work: Path) -> list[dict]:
         s = json.loads((run / "train_summary.json").read_text())
         out.append({"startup_s": s["startup_s"], "stages": s["startup_stages"]})
     return out
-
-
-def _stages(stages: dict) -> str:
-    parts, before = [], 0.0
-    for name, at in stages.items():
-        parts.append(f"{name.replace('_', ' ')} {at - before:.1f}")
-        before = at
-    return ", ".join(parts)
 
 
 def main() -> int:
@@ -365,6 +357,7 @@ def main() -> int:
 
     from chat_data import write
 
+    from loraforge.callbacks import format_stages
     from loraforge.flops import measure_cpu_matmul_peak, gpu_peak_flops
 
     work = Path(a.work).resolve()
@@ -407,7 +400,7 @@ def main() -> int:
     if startup:
         for i, what in enumerate(("first run (empty cache: converts the model, tokenizes)", "second run (cached)")):
             lines.append(f"quickstart start-up, {what}: {startup[i]['startup_s']:.1f} s from the command to the first "
-                         f"optimizer step ({_stages(startup[i]['stages'])} s)")
+                         f"optimizer step ({format_stages(startup[i]['stages'])} s)")
     lines.append("")
     for name in dict.fromkeys(r["model"] for r in all_rows):
         by = {r["variant"]: r for r in all_rows if r["model"] == name}

@@ -10,7 +10,7 @@ one, which its varlen kernels handle in linear cost.
 
 Labels come pre-shifted (`shift_labels[t]` is the label of token t+1 of the same sample, -100 at each
 sample's last token and on padding), so no token is trained to predict the next sample.
-`real_tokens` counts the non-padding tokens, which the trainer reports as throughput.
+`row_lengths` counts each row's non-padding tokens, which the trainer reports as throughput.
 """
 
 from __future__ import annotations

@@ -133,3 +133,12 @@ class StartupTimer(TrainerCallback):
     def on_step_end(self, args, state, control, **kwargs):
         if self.startup_s is None:
             self.startup_s = time.time() - process_start_time()
+
+
+def format_stages(stages: dict) -> str:
+    """'imports 6.2, data and plan 0.3, ...' from {stage: seconds since the command at its end}."""
+    parts, before = [], 0.0
+    for name, at in stages.items():
+        parts.append(f"{name.replace('_', ' ')} {at - before:.1f}")
+        before = at
+    return ", ".join(parts)

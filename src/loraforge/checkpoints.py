@@ -8,7 +8,6 @@ last good one. A crash at any point leaves either the previous checkpoint set or
 
 from __future__ import annotations
 
-import os
 import re
 import shutil
 from pathlib import Path

@@ -98,11 +98,10 @@ def _print_result(result) -> None:
         table.add_row("MFU", f"{100 * result.mfu:.1f}% ({result.flops_per_token / 1e9:.2f} GFLOP per token; "
                              f"peak {result.peak_flops / 1e12:.2f} TFLOP/s, {result.peak_source})")
     if getattr(result, "startup_s", None):
-        parts, before = [], 0.0
-        for name, at in (getattr(result, "startup_stages", None) or {}).items():
-            parts.append(f"{name.replace('_', ' ')} {at - before:.1f}")
-            before = at
-        detail = f" ({', '.join(parts)} s)" if parts else ""
+        from .callbacks import format_stages
+
+        stages = getattr(result, "startup_stages", None)
+        detail = f" ({format_stages(stages)} s)" if stages else ""
         table.add_row("start-up", f"{result.startup_s:.1f} s from the command to the first optimizer step{detail}")
     if result.trainable_params:
         table.add_row("trainable params", f"{result.trainable_params:,} of {result.total_params:,}")

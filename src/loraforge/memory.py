@@ -10,7 +10,7 @@ breakdown adds up to the predicted peak. Every term models what loraforge's trai
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 GIB = 2**30

@@ -342,12 +342,21 @@ def choose_loss_head(requested: str, cpu: bool) -> str:
     return "plain" if cpu else "fused"
 
 
-def cpu_execution(batch: BatchPlan, fixed_micro: bool) -> BatchPlan:
-    """On the CPU the whole per-process share of the step is one micro-batch (more samples per pack, fewer
-    rows), unless the recipe fixed the split; memory is bounded by one row per forward instead."""
-    if fixed_micro:
-        return batch
-    return plan_batch(batch.requested_global_batch, batch.world_size, max_micro_batch=10**9)
+def execution(batch: BatchPlan, training, cpu: bool) -> tuple[BatchPlan, int, str, tuple[str, ...]]:
+    """How the micro-batches run: (batch split, rows per forward, loss head, notes). On the CPU the whole
+    per-process share of the step is one micro-batch (more samples per pack, fewer rows) unless the recipe
+    fixed the split, and one row runs per forward: memory is bounded by one row instead. On GPUs the split
+    is the memory model's and a micro-batch runs in one forward."""
+    head = choose_loss_head(training.loss_head, cpu)
+    if not cpu:
+        return batch, batch.micro_batch_size, head, ()
+    cpu_batch = plan_batch(
+        training.global_batch_size, batch.world_size,
+        None if training.micro_batch_size == "auto" else training.micro_batch_size,
+        None if training.gradient_accumulation_steps == "auto" else training.gradient_accumulation_steps,
+        max_micro_batch=10**9,
+    )
+    return cpu_batch, 1, head, (CPU_EXECUTION_NOTE,)
 
 
 def setup_for(recipe, precision: Precision, hw, strategy: str, seq_len: int = 512):
@@ -386,7 +395,6 @@ def plan_with_memory(recipe, hw, precision: Precision, strategy: str, shape, lon
         notes.append(f"max_seq_length auto: longest sample {longest_sample} tokens" if lengths
                      else f"max_seq_length auto: no data read, starting from the model's context ({seqs[0]})")
     cpu = precision.use_cpu
-    fixed = t.micro_batch_size != "auto" or t.gradient_accumulation_steps != "auto"
     sol = solve(
         shape,
         setup_for(recipe, precision, hw, strategy),
@@ -401,22 +409,13 @@ def plan_with_memory(recipe, hw, precision: Precision, strategy: str, shape, lon
     )
     if recipe.lora.use_dora:
         notes.append("DoRA is not in the memory model: it needs more than predicted")
-    batch, rows = sol.batch, sol.batch.micro_batch_size
-    head = choose_loss_head(t.loss_head, cpu)
-    sol_notes = sol.notes
+    batch, rows, head, run_notes = execution(sol.batch, t, cpu)
     if head == "plain" and not cpu:
-        sol_notes += ("loss_head plain on a GPU: the memory model assumes the fused head; the plain one also holds "
+        run_notes += ("loss_head plain on a GPU: the memory model assumes the fused head; the plain one also holds "
                       "labelled tokens x vocabulary x 8 bytes",)
-    if cpu:
-        batch = cpu_execution(plan_batch(t.global_batch_size, hw.world_size,
-                                         None if t.micro_batch_size == "auto" else t.micro_batch_size,
-                                         None if t.gradient_accumulation_steps == "auto" else t.gradient_accumulation_steps),
-                              fixed)
-        rows = 1
-        sol_notes = tuple(n for n in sol_notes if not n.startswith("micro-batch ")) + (CPU_EXECUTION_NOTE,)
     return Plan(
         batch=batch, precision=precision, max_seq_length=sol.seq_len, gradient_checkpointing=sol.gradient_checkpointing,
-        strategy=strategy, notes=tuple(notes) + sol_notes, memory=sol.estimate.to_dict(), budget_gib=sol.budget_gib,
+        strategy=strategy, notes=tuple(notes) + sol.notes + run_notes, memory=sol.estimate.to_dict(), budget_gib=sol.budget_gib,
         fits=sol.fits, suggestions=sol.suggestions, rows_per_forward=rows, loss_head=head,
     )
 

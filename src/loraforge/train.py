@@ -107,17 +107,11 @@ def make_plan(recipe: Recipe, hw, longest_sample: int, model_max: int | None, sh
     check_supported(strategy, recipe.quantization.mode != "none")
     if strategy == "fsdp" and hw.kind == "cpu":
         notes.append("on CPU, accelerate runs FSDP as plain DDP: the weights are not sharded here (a GPU run is)")
-    from .planner import choose_loss_head
+    from .planner import execution
 
-    rows, head = batch.micro_batch_size, choose_loss_head(t.loss_head, precision.use_cpu)
-    if precision.use_cpu:
-        from .planner import CPU_EXECUTION_NOTE, cpu_execution
-
-        fixed = t.micro_batch_size != "auto" or t.gradient_accumulation_steps != "auto"
-        batch, rows = cpu_execution(batch, fixed), 1
-        notes.append(CPU_EXECUTION_NOTE)
+    batch, rows, head, run_notes = execution(batch, t, precision.use_cpu)
     return Plan(batch=batch, precision=precision, max_seq_length=seq, gradient_checkpointing=gc, strategy=strategy,
-                notes=tuple(notes), rows_per_forward=rows, loss_head=head)
+                notes=tuple(notes) + run_notes, rows_per_forward=rows, loss_head=head)
 
 
 

@@ -9,8 +9,9 @@
   loss is the summed next-token NLL over the step's loss tokens divided by their count over the whole
   step (all micro-batches, all processes), so any split of a step gives the same gradient. The LM head
   is either trl's chunked fused head (GPUs: never holds the full logits) or a plain one that projects
-  only the positions that carry a label (the CPU: trl's tiles are recomputed in its backward, which made
-  the step 2x slower here; a plain head over the loss positions is one matmul each way).
+  only the positions that carry a label (the CPU: trl's tiles are recomputed in its backward and score
+  every position off Triton; the plain head made the step 1.33x faster on SmolLM2-135M and 5x on a
+  tiny model here, benchmarks/throughput.py).
 - `training_step`: a micro-batch of several rows can run as several forward/backward passes of
   `rows_per_forward` rows (gradients accumulated without DDP sync until the last), so that memory is
   bounded by one row of max_seq_length tokens whatever the number of samples in the step.
