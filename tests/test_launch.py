@@ -133,15 +133,6 @@ def test_dry_run_for_2_nodes_of_8_gpus(strategy):
     assert parsed.num_processes == 16 and parsed.machine_rank == 1
 
 
-def test_quantized_base_placement_per_strategy():
-    from loraforge.modeling import base_placement
-
-    assert base_placement("cuda", "ddp", 3, "bfloat16") == {"device_map": {"": 3}, "quant_storage": None}
-    assert base_placement("cuda", "fsdp", 3, "bfloat16") == {"device_map": None, "quant_storage": "bfloat16"}
-    assert base_placement("cuda", "zero3", 3, "bfloat16")["device_map"] is None
-    assert base_placement("cpu", "ddp", 1, "float32")["device_map"] is None
-
-
 def test_multinode_without_main_ip_is_refused():
     with pytest.raises(UserError, match="needs --main-ip"):
         accelerate_args("ddp", Topology(8, nodes=2), 1, "r.yaml")
