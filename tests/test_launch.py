@@ -167,8 +167,11 @@ def _topology_recipe(tmp: Path, model_dir: Path, name: str) -> Path:
     return path
 
 
-def _loraforge(*args, timeout=900) -> subprocess.CompletedProcess:
-    env = os.environ | {"PYTHONPATH": str(Path(__file__).parent)}
+HARNESS = Path(__file__).parent / "harness"  # sitecustomize.py: test-only switches (real FSDP2 on CPU, NaN)
+
+
+def _loraforge(*args, timeout=900, env=None) -> subprocess.CompletedProcess:
+    env = os.environ | {"PYTHONPATH": f"{HARNESS}{os.pathsep}{Path(__file__).parent}"} | (env or {})
     proc = subprocess.run([sys.executable, "-m", "loraforge", *args], capture_output=True, text=True,
                           timeout=timeout, env=env)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
@@ -191,15 +194,36 @@ def one_process(tmp_path_factory, tiny_model_dir):
     return tmp
 
 
+# What accelerate must really run for each strategy: a plan that says "zero3" over a DDP run proves nothing.
+RUNS_AS = {"ddp": "MULTI_CPU", "zero2": "DEEPSPEED", "zero3": "DEEPSPEED", "fsdp": "FSDP"}
+CPU_FSDP = {"LORAFORGE_TEST_CPU_FSDP": "1"}  # tests/harness/sitecustomize.py: accelerate's FSDP2 path on CPU
+
+
+def _rank_bytes(run_dir: Path, when: str) -> list[int]:
+    rows = json.loads((run_dir / "memory.json").read_text())[when]["per_rank"]
+    return [r["frozen_param_bytes"] for r in rows]
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("strategy", ["ddp", "zero2", "zero3"])
+@pytest.mark.parametrize("strategy", ["ddp", "zero2", "zero3", "fsdp"])
 def test_two_processes_train_the_same_adapter_as_one(one_process, tiny_model_dir, strategy):
+    """2 CPU processes under each strategy, through accelerate's own code path for it (DeepSpeed engine;
+    FSDP2 `fully_shard` via the harness), give the 1-process adapter at the same global batch."""
     tmp = one_process
     recipe = _topology_recipe(tmp, tiny_model_dir, strategy)
-    _loraforge("launch", str(recipe), "--strategy", strategy, "--gpus", "2", "--set", "training.device=cpu")
+    _loraforge("launch", str(recipe), "--strategy", strategy, "--gpus", "2", "--set", "training.device=cpu",
+               env=CPU_FSDP if strategy == "fsdp" else None)
     one, two = json.loads((tmp / "one" / "plan.json").read_text()), json.loads((tmp / strategy / "plan.json").read_text())
     assert (one["world_size"], two["world_size"]) == (1, 2)  # really two processes
     assert two["strategy"] == strategy
+    assert two["distributed_type"] == RUNS_AS[strategy]  # and really that strategy
+    full = _rank_bytes(tmp / "one", "after_load")[0]
+    if strategy == "zero3":  # loaded under zero.Init: each rank holds its half of the base from the start
+        assert all(abs(b - full / 2) <= 0.05 * full for b in _rank_bytes(tmp / strategy, "after_load"))
+    if strategy == "fsdp":  # fully_shard: each rank keeps half of the base after preparation
+        assert all(abs(b - full / 2) <= 0.05 * full for b in _rank_bytes(tmp / strategy, "after_prepare"))
+    if strategy in ("ddp", "zero2"):  # replicated base
+        assert _rank_bytes(tmp / strategy, "after_prepare") == [full, full]
     assert one["global_batch_size"] == two["global_batch_size"] == 8
     assert two["gradient_accumulation_steps"] * 2 == one["gradient_accumulation_steps"]  # halves as world doubles
     records = [json.loads(line) for line in (tmp / strategy / "metrics.jsonl").read_text().splitlines()]

@@ -24,8 +24,9 @@ log = logging.getLogger("loraforge")
 MEMORY_FILE = "memory.json"
 
 
-def param_bytes(model) -> dict:
-    """Bytes of the parameters (and buffers) this rank actually stores, frozen and trainable apart."""
+def param_bytes(model, base: bool = False) -> dict:
+    """Bytes of the parameters (and buffers) this rank actually stores, frozen and trainable apart
+    (`base`: a freshly loaded base, whose parameters are all counted as frozen: LoRA freezes them next)."""
     frozen = trainable = 0
     for p in model.parameters():
         t = p
@@ -34,7 +35,7 @@ def param_bytes(model) -> dict:
         elif hasattr(p, "to_local"):  # FSDP2 DTensor: this rank's shard
             t = p.to_local()
         n = t.numel() * t.element_size()
-        if p.requires_grad:
+        if p.requires_grad and not base:
             trainable += n
         else:
             frozen += n
@@ -104,8 +105,8 @@ class DeviceMemoryReport(TrainerCallback):
             tmp.write_text(json.dumps(self.data, indent=2) + "\n")
             os.replace(tmp, path)
 
-    def _bytes(self, key: str, model) -> None:
-        b = param_bytes(model)
+    def _bytes(self, key: str, model, base: bool = False) -> None:
+        b = param_bytes(model, base)
         rows = _gather([b["frozen_param_bytes"], b["trainable_param_bytes"], b["buffer_bytes"]])
         self.record(key, {"per_rank": [
             {"rank": i, "frozen_param_bytes": int(r[0]), "trainable_param_bytes": int(r[1]), "buffer_bytes": int(r[2])}
@@ -113,7 +114,7 @@ class DeviceMemoryReport(TrainerCallback):
         ]})
 
     def after_load(self, model) -> None:
-        self._bytes("after_load", model)
+        self._bytes("after_load", model, base=True)
 
     def _peak(self, when: str) -> None:
         rows = _gather(_peaks())

@@ -285,6 +285,9 @@ def sft_config(recipe: Recipe, plan, run_dir: Path, report_to):
         # DeepSpeed runs on the CPU too (accelerate engages it only when not told `cpu`; state.py): on a CPU
         # machine ZeRO ranks keep use_cpu off and land on the CPU device with gloo anyway.
         use_cpu=plan.precision.use_cpu and not plan.strategy.startswith("zero"),
+        # ...and name gloo: with no GPU accelerate finds no default backend, and a DeepSpeed state would
+        # count one process (state.py: "No backend == no distributed training") while DeepSpeed sees them all.
+        ddp_backend="gloo" if plan.precision.use_cpu else None,
         activation_checkpointing=plan.gradient_checkpointing,
         activation_checkpointing_kwargs={"use_reentrant": False},
         ddp_find_unused_parameters=False,
@@ -409,6 +412,12 @@ def run(recipe: Recipe, overwrite: bool = False, quiet: bool = False) -> RunResu
             }),
         ],
     )
+    if is_main:  # what accelerate really runs (a CPU would turn FSDP into DDP without a word): in plan.json
+        path = run_dir / "plan.json"
+        _write_json(path, json.loads(path.read_text()) | {
+            "distributed_type": str(trainer.accelerator.distributed_type).split(".")[-1],
+            "accelerate_config": os.environ.get("LORAFORGE_ACCELERATE_CONFIG"),
+        })
     from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
     from .callbacks import ProgressBar
