@@ -277,3 +277,32 @@ def test_memory_json_after_a_cpu_run(make_recipe):
         max(r["peak_gib"] for r in mem["end"]["per_rank"]), rel=0.2)
     plan = json.loads((result.run_dir / "plan.json").read_text())
     assert plan["distributed_type"] == "NO"
+
+
+# ---------------------------------------------------------------- 13. FSDP + QLoRA: the load is planned too
+def _shape70b():
+    from loraforge.memory import shape_from_config
+
+    cfg = Path(__file__).parent / "fixtures" / "configs" / "llama-3-70b-instruct" / "config.json"
+    return shape_from_config(json.loads(cfg.read_text()), "llama-3-70b-instruct")
+
+
+def test_fsdp_qlora_plans_the_unsharded_load():
+    """Each rank quantizes the whole base before FSDP shards it: 70B in 4-bit is ~40 GiB per GPU at load, so
+    8 x 24 GiB cannot load it even though a sharded step needs a few GiB; 8 x 80 GiB can."""
+    from loraforge.memory import GIB, TrainSetup, estimate
+    from loraforge.planner import fsdp_qlora_load_bytes, peak_estimate, solve
+
+    s = _shape70b()
+    setup = TrainSetup(1, 2048, True, quant="4bit", world_size=8, strategy="fsdp")
+    load = fsdp_qlora_load_bytes(s, setup)
+    step = estimate(s, setup)
+    assert 35 * GIB < load < 50 * GIB and step.peak < 20 * GIB  # the step alone would fit 24 GiB
+    est = peak_estimate(s, setup)
+    assert est.phase == "load" and est.peak >= load and "fsdp_qlora_load" in est.breakdown
+    assert fsdp_qlora_load_bytes(s, setup.with_(strategy="ddp")) is None  # a replicated base: the step covers it
+    assert fsdp_qlora_load_bytes(s, setup.with_(quant="none")) is None
+    small = solve(s, setup, 64, budget_gib=23.5)
+    assert not small.fits
+    assert any("ZeRO-3" in x for x in small.suggestions)  # a 16-bit base loads sharded under zero.Init
+    assert solve(s, setup, 64, budget_gib=79.0).fits

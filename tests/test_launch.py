@@ -277,6 +277,62 @@ def test_checkpoints_resume_across_topologies(one_process, tiny_model_dir):
     assert _max_diff(reference, _adapter(tmp / "one-then-two")) <= 1e-5
 
 
+def _truncate_to_step_5(tmp: Path, src: Path, dst: Path) -> Path:
+    """A copy of a finished 10-step run as it was after its step-5 checkpoint; returns its recipe."""
+    shutil.copytree(src, dst)
+    for f in ("adapter_model.safetensors", "train_summary.json"):
+        (dst / f).unlink()
+    shutil.rmtree(dst / "checkpoints" / "checkpoint-10")
+    recipe = yaml.safe_load((dst / "recipe.yaml").read_text())
+    recipe["output_dir"] = str(dst)
+    (dst / "recipe.yaml").write_text(yaml.safe_dump(recipe, sort_keys=False))
+    path = tmp / f"{dst.name}.yaml"
+    path.write_text(yaml.safe_dump(recipe, sort_keys=False))
+    return path
+
+
+@pytest.mark.slow
+def test_a_two_process_fsdp_checkpoint_resumes_to_the_same_adapter(one_process, tiny_model_dir):
+    """accelerate#4206: FSDP2 + LoRA resume reset (N-1)/N of the adapter. Here: a 2-process FSDP2 run (real
+    `fully_shard`, sharded checkpoints) resumed from its step-5 checkpoint gives the uninterrupted adapter."""
+    tmp = one_process
+    if not (tmp / "fsdp" / "checkpoints" / "checkpoint-5").is_dir():
+        _loraforge("launch", str(_topology_recipe(tmp, tiny_model_dir, "fsdp")), "--strategy", "fsdp", "--gpus", "2",
+                   "--set", "training.device=cpu", env=CPU_FSDP)
+    assert any(p.is_dir() for p in (tmp / "fsdp" / "checkpoints" / "checkpoint-5").glob("pytorch_model_fsdp*"))  # sharded
+    recipe = _truncate_to_step_5(tmp, tmp / "fsdp", tmp / "fsdp-resumed")
+    out = _loraforge("launch", str(recipe), "--strategy", "fsdp", "--gpus", "2", "--set", "training.device=cpu",
+                     env=CPU_FSDP)
+    assert "resuming from" in out.stderr
+    assert json.loads((tmp / "fsdp-resumed" / "plan.json").read_text())["distributed_type"] == "FSDP"
+    assert _max_diff(_adapter(tmp / "fsdp"), _adapter(tmp / "fsdp-resumed")) <= 1e-5
+    assert _max_diff(_adapter(tmp / "one"), _adapter(tmp / "fsdp-resumed")) <= 1e-5
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("policy", ["stop", "skip"])
+def test_nan_under_zero2_stops_or_skips_as_under_ddp(one_process, tiny_model_dir, policy):
+    """ZeRO-2 steps inside backward and keeps gradients out of p.grad; the guard still sees a NaN step 3."""
+    tmp = one_process
+    recipe = _topology_recipe(tmp, tiny_model_dir, f"nan-{policy}")
+    env = os.environ | {"PYTHONPATH": f"{HARNESS}{os.pathsep}{Path(__file__).parent}", "LORAFORGE_TEST_NAN_AT_STEP": "3"}
+    proc = subprocess.run([sys.executable, "-m", "loraforge", "launch", str(recipe), "--strategy", "zero2", "--gpus", "2",
+                           "--set", "training.device=cpu", "--set", f"training.on_nonfinite={policy}"],
+                          capture_output=True, text=True, timeout=900, env=env)
+    run_dir = tmp / f"nan-{policy}"
+    assert json.loads((run_dir / "plan.json").read_text())["distributed_type"] == "DEEPSPEED"
+    if policy == "stop":
+        assert proc.returncode == 2, proc.stderr[-3000:]
+        assert "step 3: the loss or gradients became NaN/inf" in proc.stderr
+        assert proc.stderr.strip().splitlines()[-1] == "error: a training process exited with code 2; its message is above"
+        assert not (run_dir / "train_summary.json").exists()
+    else:
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        assert "DeepSpeed skipped the update" in proc.stderr
+        weights = _adapter(run_dir)
+        assert all(bool(w.isfinite().all()) for w in weights.values())
+
+
 @pytest.fixture(scope="module")
 def quickstart_one_process(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("quickstart-topology")

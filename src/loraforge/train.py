@@ -287,7 +287,7 @@ def sft_config(recipe: Recipe, plan, run_dir: Path, report_to):
         use_cpu=plan.precision.use_cpu and not plan.strategy.startswith("zero"),
         # ...and name gloo: with no GPU accelerate finds no default backend, and a DeepSpeed state would
         # count one process (state.py: "No backend == no distributed training") while DeepSpeed sees them all.
-        ddp_backend="gloo" if plan.precision.use_cpu else None,
+        ddp_backend="gloo" if plan.precision.use_cpu and plan.strategy != "single" else None,
         activation_checkpointing=plan.gradient_checkpointing,
         activation_checkpointing_kwargs={"use_reentrant": False},
         ddp_find_unused_parameters=False,
