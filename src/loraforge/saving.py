@@ -27,12 +27,28 @@ def save_adapter(trainer, run_dir: Path) -> None:
     if plugin is not None and "FULL_STATE_DICT" not in str(previous):
         plugin.set_state_dict_type("FULL_STATE_DICT")
     try:
-        trainer.save_model(str(run_dir))
+        if plugin is not None:
+            # what save_model does for FULL_STATE_DICT (gather on every rank, rank 0 writes), making sure every
+            # tensor is whole: on a CPU/gloo mesh torch's get_model_state_dict(full_state_dict=True) handed back
+            # DTensor shards, which peft's save then fails on ("invalid python storage")
+            state = trainer.accelerator.get_state_dict(trainer.model)
+            state = {k: _full(v) for k, v in state.items()}  # same order on every rank: the gathers pair up
+            if trainer.args.should_save:
+                trainer._save(str(run_dir), state_dict=state)
+        else:
+            trainer.save_model(str(run_dir))
     finally:
         if plugin is not None and previous is not None and plugin.state_dict_type != previous:
             plugin.state_dict_type = previous
             plugin.state_dict_config = plugin.optim_state_dict_config = None
             plugin.set_state_dict_type()
+
+
+def _full(t):
+    """A whole, self-owned CPU tensor: a DTensor gathered (collective), anything else copied."""
+    if hasattr(t, "full_tensor"):
+        t = t.full_tensor()
+    return t.detach().cpu().clone().contiguous()
 
 
 def _full_shape(param) -> tuple[int, ...]:
