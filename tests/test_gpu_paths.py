@@ -107,23 +107,16 @@ def test_training_arguments_exist_before_the_model_loads(make_recipe, monkeypatc
 
 
 def test_zero_ranks_do_not_tell_accelerate_cpu():
-    """accelerate engages DeepSpeed only when not told `cpu` (state.py): ZeRO on a CPU machine keeps use_cpu off."""
-    from loraforge.planner import Precision
-    from loraforge.train import sft_config
+    """accelerate engages DeepSpeed only when not told `cpu` (state.py), and counts one process without a
+    backend: ZeRO on a CPU machine keeps use_cpu off and names gloo (the 2-process tests in test_launch.py
+    assert that DeepSpeed really ran: plan.json's distributed_type)."""
+    from loraforge.train import device_kwargs
 
-    precision = Precision(bf16=False, fp16=False, model_dtype="float32", use_cpu=True)
-    batch = SimpleNamespace(micro_batch_size=1, gradient_accumulation_steps=1)
-    recipe = SimpleNamespace(
-        training=SimpleNamespace(epochs=1, max_steps=1, learning_rate=1e-3, lr_scheduler="linear", warmup=0,
-                                 weight_decay=0.0, max_grad_norm=1.0, optimizer="adamw_torch", seed=0,
-                                 logging_steps=1, eval_steps=None, save_steps=None, save_total_limit=None),
-        data=SimpleNamespace(eval_split=0, eval_sources=[]), tracking=SimpleNamespace(run_name=None),
-    )
-    for strategy, use_cpu in (("ddp", True), ("zero2", False), ("zero3", False), ("zero3-offload", False)):
-        plan = SimpleNamespace(batch=batch, precision=precision, strategy=strategy, gradient_checkpointing=False,
-                               max_seq_length=64)
-        args = sft_config(recipe, plan, Path("/tmp/lf-args"), "none")
-        assert args.use_cpu is use_cpu, strategy
+    assert device_kwargs(True, "single") == {"use_cpu": True, "ddp_backend": None}
+    assert device_kwargs(True, "ddp") == {"use_cpu": True, "ddp_backend": "gloo"}
+    for zero in ("zero2", "zero3", "zero3-offload"):
+        assert device_kwargs(True, zero) == {"use_cpu": False, "ddp_backend": "gloo"}
+    assert device_kwargs(False, "zero3") == {"use_cpu": False, "ddp_backend": None}  # GPUs: accelerate's default (nccl)
 
 
 # ---------------------------------------------------------------- 7. NaN guard under DeepSpeed / FSDP2
@@ -226,11 +219,19 @@ def test_an_fsdp_run_switches_to_a_full_state_dict_for_the_final_save(tmp_path):
             if t:
                 self.state_dict_type = t
 
+    class Sharded:  # a DTensor stand-in: gathered with full_tensor() on every rank
+        def full_tensor(self):
+            calls.append("gather")
+            return torch.ones(2, 2)
+
     plugin = Plugin()
-    trainer = SimpleNamespace(is_fsdp_enabled=True, accelerator=SimpleNamespace(state=SimpleNamespace(fsdp_plugin=plugin)),
-                              save_model=lambda d: calls.append(("save", plugin.state_dict_type)))
+    accelerator = SimpleNamespace(state=SimpleNamespace(fsdp_plugin=plugin),
+                                  get_state_dict=lambda m: calls.append(("state", plugin.state_dict_type)) or {"w": Sharded()})
+    trainer = SimpleNamespace(is_fsdp_enabled=True, accelerator=accelerator, model=None,
+                              args=SimpleNamespace(should_save=True),
+                              _save=lambda d, state_dict: calls.append(("save", type(state_dict["w"]).__name__)))
     save_adapter(trainer, tmp_path)
-    assert ("save", "FULL_STATE_DICT") in calls  # the save saw FULL_STATE_DICT
+    assert [c for c in calls if c[0] != "set"][:3] == [("state", "FULL_STATE_DICT"), "gather", ("save", "Tensor")]  # whole, then written
     assert plugin.state_dict_type == "StateDictType.SHARDED_STATE_DICT"  # checkpoints stay sharded
 
 

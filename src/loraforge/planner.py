@@ -345,10 +345,15 @@ def suggest(shape, setup, budget_gib: float, lengths: list[int] | None = None) -
         for n in (2, 4, 8, 16, 32, 64, 128, 256, 512):
             if n <= setup.world_size:
                 continue
-            g, ok = gib(setup.with_(world_size=n, strategy=sharding, seq_len=seq))
+            wider = setup.with_(world_size=n, strategy=sharding, seq_len=seq)
+            how = "FSDP" if sharding == "fsdp" else sharding
+            if fsdp_qlora_load_bytes(shape, wider) and not gib(wider)[1]:
+                # a 4-bit base loads whole on every GPU: past that, a 16-bit base that ZeRO-3 loads sharded
+                wider, how = wider.with_(quant="none", strategy="zero3"), "ZeRO-3 on a 16-bit base (quantization.mode: none)"
+            g, ok = gib(wider)
             if ok:
                 shorter = "" if seq == setup.seq_len else f" and data.max_seq_length {seq}"
-                out.append(f"more GPUs: {n} GPUs with FSDP{shorter}, {g:.1f} GiB each")
+                out.append(f"more GPUs: {n} GPUs with {how}{shorter}, {g:.1f} GiB each")
                 found = True
                 break
         seq //= 2

@@ -256,6 +256,19 @@ def _write_json(path: Path, obj) -> None:
     os.replace(tmp, path)
 
 
+def device_kwargs(cpu: bool, strategy: str) -> dict:
+    """The training arguments that choose the device and backend (a pure decision).
+
+    DeepSpeed runs on the CPU too, but accelerate engages it only when not told `cpu` (state.py): on a CPU
+    machine ZeRO ranks keep use_cpu off (they land on the CPU device anyway) and name gloo: with no GPU,
+    accelerate finds no default backend, and a DeepSpeed state would count one process ("No backend == no
+    distributed training") while DeepSpeed itself sees them all."""
+    return {
+        "use_cpu": cpu and not strategy.startswith("zero"),
+        "ddp_backend": "gloo" if cpu and strategy != "single" else None,
+    }
+
+
 def sft_config(recipe: Recipe, plan, run_dir: Path, report_to):
     """The SFTConfig for this plan. Built before the model loads: creating it sets each rank's device and,
     under `accelerate launch` with DeepSpeed ZeRO-3, registers the DeepSpeed config so that `from_pretrained`
@@ -282,12 +295,7 @@ def sft_config(recipe: Recipe, plan, run_dir: Path, report_to):
         data_seed=t.seed,
         bf16=plan.precision.bf16,
         fp16=plan.precision.fp16,
-        # DeepSpeed runs on the CPU too (accelerate engages it only when not told `cpu`; state.py): on a CPU
-        # machine ZeRO ranks keep use_cpu off and land on the CPU device with gloo anyway.
-        use_cpu=plan.precision.use_cpu and not plan.strategy.startswith("zero"),
-        # ...and name gloo: with no GPU accelerate finds no default backend, and a DeepSpeed state would
-        # count one process (state.py: "No backend == no distributed training") while DeepSpeed sees them all.
-        ddp_backend="gloo" if plan.precision.use_cpu and plan.strategy != "single" else None,
+        **device_kwargs(plan.precision.use_cpu, plan.strategy),
         activation_checkpointing=plan.gradient_checkpointing,
         activation_checkpointing_kwargs={"use_reentrant": False},
         ddp_find_unused_parameters=False,
