@@ -204,12 +204,16 @@ def prepare(recipe: Recipe, hw) -> Prepared:
 
 def prepare_run_dir(recipe: Recipe, overwrite: bool, is_main: bool) -> tuple[Path, bool]:
     """Create the run directory; (path, already complete). A different recipe in a used directory stops."""
+    from .runlock import LOCK_FILE
+
     run_dir = Path(recipe.output_dir).expanduser()
     existing = run_dir / "recipe.yaml"
-    if run_dir.exists() and any(run_dir.iterdir()):
+    if run_dir.is_dir() and any(p.name != LOCK_FILE for p in run_dir.iterdir()):
         if overwrite:
             if is_main:
-                shutil.rmtree(run_dir)
+                for p in run_dir.iterdir():  # all but the run lock this process holds
+                    if p.name != LOCK_FILE:
+                        shutil.rmtree(p) if p.is_dir() and not p.is_symlink() else p.unlink()
         elif existing.is_file():
             import yaml
 
@@ -279,7 +283,16 @@ def sft_config(recipe: Recipe, plan, run_dir: Path, quiet: bool):
 
 
 def run(recipe: Recipe, overwrite: bool = False, quiet: bool = False) -> RunResult:
-    """Train `recipe` end to end in this process (one of possibly many ranks)."""
+    """Train `recipe` end to end in this process (one of possibly many ranks). The writer rank holds the
+    run directory's lock throughout: a second run on the same directory stops at once (runlock.py)."""
+    from .hardware import process_topology
+    from .runlock import hold
+
+    with hold(recipe.output_dir, enabled=process_topology()["rank"] == 0):
+        return _run(recipe, overwrite, quiet)
+
+
+def _run(recipe: Recipe, overwrite: bool = False, quiet: bool = False) -> RunResult:
     from .callbacks import process_start_time
     from .hardware import detect
 
