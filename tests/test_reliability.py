@@ -149,3 +149,100 @@ def test_output_dir_problems_are_one_line_before_any_work(tmp_path, tiny_model_d
         assert out.read_text() == "x"
     elif case == "read-only":
         assert list(ro.iterdir()) == []
+
+
+# --------------------------------------------------------------------------------------------------
+# Verified checkpoints
+# --------------------------------------------------------------------------------------------------
+
+
+def _ckpt_recipe(tmp: Path, model_dir: Path, name: str):
+    from loraforge.recipe import load_recipe
+
+    data = tmp / "train.jsonl"
+    if not data.exists():
+        write_jsonl(data, chat_records(32))
+    d = recipe_dict(model_dir, data, tmp / name, training={
+        "max_steps": 8, "save_steps": 2, "save_total_limit": 3, "global_batch_size": 4, "micro_batch_size": 2,
+        "learning_rate": 1e-2, "lr_scheduler": "cosine", "warmup": 1})
+    d["lora"]["dropout"] = 0.1
+    path = tmp / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(d))
+    return load_recipe(path)
+
+
+@pytest.fixture(scope="module")
+def finished(tmp_path_factory, tiny_model_dir):
+    """An uninterrupted run of 8 steps with checkpoints 4, 6 and 8 kept."""
+    from loraforge.train import run
+
+    tmp = tmp_path_factory.mktemp("verified")
+    recipe = _ckpt_recipe(tmp, tiny_model_dir, "reference")
+    run(recipe, quiet=True)
+    return tmp, Path(recipe.output_dir)
+
+
+def _adapter(run_dir: Path):
+    from safetensors.torch import load_file
+
+    return load_file(run_dir / "adapter_model.safetensors")
+
+
+@pytest.mark.parametrize("damaged_file", ["adapter_model.safetensors",
+                                          pytest.param("optimizer.pt", marks=pytest.mark.slow)])
+def test_truncated_checkpoint_falls_back_to_the_newest_intact_one(finished, tiny_model_dir, damaged_file, caplog):
+    """A crash after checkpoint-6, then its file truncated (a full disk, a bad copy): resume moves it aside
+    with one line, resumes from checkpoint-4, and ends with the adapter of the uninterrupted run."""
+    import shutil
+
+    from loraforge.checkpoints import complete_checkpoints, verify
+    from loraforge.recipe import dump_recipe
+    from loraforge.train import run
+
+    tmp, reference = finished
+    name = f"crashed-{damaged_file.split('.')[0]}"
+    recipe = _ckpt_recipe(tmp, tiny_model_dir, name)
+    run_dir = Path(recipe.output_dir)
+    ckpts = run_dir / "checkpoints"
+    ckpts.mkdir(parents=True)
+    for step in (4, 6):  # the state a crash during step 7 leaves
+        shutil.copytree(reference / "checkpoints" / f"checkpoint-{step}", ckpts / f"checkpoint-{step}")
+    (run_dir / "recipe.yaml").write_text(dump_recipe(recipe))
+    victim = ckpts / "checkpoint-6" / damaged_file
+    victim.write_bytes(victim.read_bytes()[: victim.stat().st_size // 2])
+    assert "truncated" in verify(ckpts / "checkpoint-6")
+
+    with caplog.at_level("INFO", logger="loraforge"):
+        result = run(recipe, quiet=True)
+    lines = [r.getMessage() for r in caplog.records if "damaged" in r.getMessage()]
+    assert len(lines) == 1 and "checkpoint-6 is damaged" in lines[0] and damaged_file in lines[0]
+    assert "resuming from the newest intact one, checkpoint-4" in lines[0]
+    assert (ckpts / "damaged" / "checkpoint-6" / damaged_file).is_file()  # moved aside, not deleted
+    assert result.trained and result.steps == 8
+    assert [s for s, _ in complete_checkpoints(ckpts)] == [4, 6, 8]
+    got, expected = _adapter(run_dir), _adapter(reference)
+    diff = max((got[k] - expected[k]).abs().max().item() for k in got)
+    assert diff <= 1e-5, f"adapter after the fallback differs from the uninterrupted run by {diff}"
+
+
+@pytest.mark.parametrize("command", ["eval", "merge", "export", "generate"])
+def test_damaged_run_directory_is_refused_before_use(finished, tmp_path, command):
+    import shutil
+
+    from typer.testing import CliRunner
+
+    from loraforge.cli import app
+
+    _, reference = finished
+    run_dir = tmp_path / "run"
+    shutil.copytree(reference, run_dir, ignore=shutil.ignore_patterns("checkpoints"))
+    adapter = run_dir / "adapter_model.safetensors"
+    adapter.write_bytes(adapter.read_bytes()[:-100])
+    args = {"eval": ["eval", str(run_dir)], "merge": ["merge", str(run_dir), "--out", str(tmp_path / "m")],
+            "export": ["export", str(run_dir), "--gguf", "--out", str(tmp_path / "m.gguf")],
+            "generate": ["generate", str(run_dir), "--prompt", "hi"]}[command]
+    res = CliRunner().invoke(app, args)
+    assert res.exit_code == 2, res.output
+    assert "Traceback" not in res.output and len(res.output.strip().splitlines()) == 1, res.output
+    assert f"{run_dir}: damaged: adapter_model.safetensors is" in res.output and "truncated" in res.output
+    assert not (tmp_path / "m").exists() and not (tmp_path / "m.gguf").exists()

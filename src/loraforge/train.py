@@ -351,13 +351,14 @@ def _run(recipe: Recipe, overwrite: bool = False, quiet: bool = False) -> RunRes
 
     from .callbacks import MetricsFile, NonFiniteGuard
     from .tracking import TrackedConfig
-    from .checkpoints import clean_incomplete, latest_complete
+    from .checkpoints import clean_incomplete, drop_damaged, latest_complete
     from .trainer import make_trainer_class
 
     ckpt_dir = run_dir / "checkpoints"
     if is_main:
         for leftover in clean_incomplete(ckpt_dir):
             log.info("removed incomplete checkpoint %s", leftover)
+        drop_damaged(ckpt_dir)  # verified against the marker's checksums; a damaged one is moved aside
     from .batching import RowCollator
 
     attn = getattr(model.config, "_attn_implementation", None) or ""
@@ -434,6 +435,9 @@ def _run(recipe: Recipe, overwrite: bool = False, quiet: bool = False) -> RunRes
     trainer.save_model(str(run_dir))  # every rank: ZeRO-3 / FSDP gather the adapter together; rank 0 writes
     if trainer.is_world_process_zero():
         tokenizer.save_pretrained(str(run_dir))
+        from .checkpoints import write_manifest
+
+        write_manifest(run_dir)  # checksums of adapter + tokenizer, verified before eval/merge/export/chat
         (run_dir / "training_args.bin").unlink(missing_ok=True)  # a pickle; recipe.yaml + plan.json say it all
         _write_json(run_dir / DONE_FILE, result.summary())
         if recipe.samples.prompts:
