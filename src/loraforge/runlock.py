@@ -25,7 +25,7 @@ import time
 from contextlib import contextmanager
 from pathlib import Path
 
-from .checkpoints import free_bytes
+from . import checkpoints
 from .errors import UserError
 
 LOCK_FILE = ".loraforge.lock"
@@ -119,7 +119,7 @@ def acquire(run_dir: str | Path) -> RunLock:
     try:
         os.ftruncate(fd, 0)
         os.pwrite(fd, (json.dumps(info) + "\n").encode(), 0)
-        if free_bytes(run_dir) < MIN_FREE:
+        if checkpoints.free_bytes(run_dir) < MIN_FREE:
             raise OSError(errno.ENOSPC, "No space left on device")
     except OSError as e:
         os.close(fd)
