@@ -246,3 +246,86 @@ def test_damaged_run_directory_is_refused_before_use(finished, tmp_path, command
     assert "Traceback" not in res.output and len(res.output.strip().splitlines()) == 1, res.output
     assert f"{run_dir}: damaged: adapter_model.safetensors is" in res.output and "truncated" in res.output
     assert not (tmp_path / "m").exists() and not (tmp_path / "m.gguf").exists()
+
+
+# --------------------------------------------------------------------------------------------------
+# Inputs other tools write; paths
+# --------------------------------------------------------------------------------------------------
+
+ROWS = chat_records(8)
+LINES = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in ROWS)
+ENCODED = {
+    "utf-8 BOM": ("data.jsonl", b"\xef\xbb\xbf" + LINES.encode()),
+    "CRLF": ("data.jsonl", LINES.replace("\n", "\r\n").encode()),
+    "JSON array in .jsonl": ("data.jsonl", json.dumps(ROWS, indent=2).encode()),
+    "JSON array, BOM + CRLF": ("data.json", b"\xef\xbb\xbf" + json.dumps(ROWS, indent=2).replace("\n", "\r\n").encode()),
+    "JSON lines in .json": ("data.json", LINES.encode()),
+    "UTF-16 LE BOM": ("data.jsonl", LINES.replace("\n", "\r\n").encode("utf-16")),
+    "UTF-16 BE BOM": ("data.json", b"\xfe\xff" + json.dumps(ROWS).encode("utf-16-be")),
+}
+
+
+@pytest.mark.parametrize("case", list(ENCODED))
+def test_files_other_tools_write_are_read(tmp_path, case):
+    from loraforge.data import read_source
+    from loraforge.recipe import DataSource
+
+    name, raw = ENCODED[case]
+    (tmp_path / name).write_bytes(raw)
+    records = read_source(DataSource(path=str(tmp_path / name)))
+    assert [r.row for r in records] == ROWS
+
+
+def _cli(args):
+    from typer.testing import CliRunner
+
+    from loraforge.cli import app
+
+    return CliRunner().invoke(app, args)
+
+
+def _one_line_exit_2(res, *expect):
+    assert res.exit_code == 2, res.output
+    assert res.exception is None or isinstance(res.exception, SystemExit), res.exception
+    lines = res.output.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in res.output, res.output
+    for e in expect:
+        assert e in lines[0], lines[0]
+
+
+def test_utf16_data_trains_through_the_cli(tmp_path, tiny_model_dir):
+    name, raw = ENCODED["UTF-16 LE BOM"]
+    (tmp_path / name).write_bytes(raw)
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(yaml.safe_dump(recipe_dict(tiny_model_dir, tmp_path / name, tmp_path / "run",
+                                                 training={"max_steps": 1})))
+    res = _cli(["train", str(recipe), "--quiet"])
+    assert res.exit_code == 0, res.output
+    summary = json.loads((tmp_path / "run" / "train_summary.json").read_text())
+    assert summary["steps"] == 1
+
+
+BAD = {
+    "UTF-16 without BOM": (LINES.encode("utf-16-le"), ["data.jsonl:1: NUL bytes without a byte-order mark", "UTF-8"]),
+    "latin-1": ((LINES.splitlines()[0] + "\n" + '{"text": "caf\xe9"}\n').encode("latin-1"), ["data.jsonl:2: not UTF-8"]),
+    "truncated JSON array": (json.dumps(ROWS, indent=2)[:-40].encode(), ["data.jsonl:", "not valid JSON"]),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD))
+def test_unreadable_encodings_are_one_line_naming_file_and_line(tmp_path, tiny_model_dir, case):
+    raw, expect = BAD[case]
+    (tmp_path / "data.jsonl").write_bytes(raw)
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(yaml.safe_dump(recipe_dict(tiny_model_dir, tmp_path / "data.jsonl", tmp_path / "run")))
+    _one_line_exit_2(_cli(["train", str(recipe), "--quiet"]), *expect)
+    assert not (tmp_path / "run").exists()  # nothing half-written
+
+
+def test_a_data_path_or_recipe_path_that_is_a_directory(tmp_path, tiny_model_dir):
+    (tmp_path / "data").mkdir()
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(yaml.safe_dump(recipe_dict(tiny_model_dir, tmp_path / "data", tmp_path / "run")))
+    _one_line_exit_2(_cli(["train", str(recipe), "--quiet"]), "data.sources[].path:", "is a directory")
+    assert not (tmp_path / "run").exists()
+    _one_line_exit_2(_cli(["train", str(tmp_path), "--quiet"]), f"{tmp_path}: is a directory", "r.yaml")

@@ -47,38 +47,102 @@ class Record:
 # --------------------------------------------------------------------------------------------------
 
 
-def _read_jsonl(path: Path) -> list[Record]:
-    records = []
+BOMS = ((b"\xef\xbb\xbf", "utf-8-sig"), (b"\xff\xfe\x00\x00", "utf-32"), (b"\x00\x00\xfe\xff", "utf-32"),
+        (b"\xff\xfe", "utf-16"), (b"\xfe\xff", "utf-16"))
+
+
+def sniff_encoding(path: Path) -> str:
+    """utf-8 (with or without a BOM: Windows editors write one), or UTF-16/32 when a BOM says so.
+    A file with NUL bytes and no BOM is UTF-16/32 the reader cannot place: refused with what to do."""
     with open(path, "rb") as f:
-        for lineno, raw in enumerate(f, start=1):
-            try:
-                line = raw.decode("utf-8")
-            except UnicodeDecodeError as e:
-                raise UserError(f"{path}:{lineno}: not UTF-8 (byte {e.start}); re-save the file as UTF-8") from None
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise UserError(
-                    f"{path}:{lineno}: not valid JSON ({e.msg} at column {e.colno}); fix or remove the line"
-                ) from None
-            if not isinstance(row, dict):
-                raise UserError(f"{path}:{lineno}: expected a JSON object per line, got {type(row).__name__}")
-            records.append(Record(f"{path}:{lineno}", row))
-    return records
+        head = f.read(4096)
+    for bom, encoding in BOMS:
+        if head.startswith(bom):
+            return encoding
+    if b"\x00" in head:
+        raise UserError(f"{path}:1: NUL bytes without a byte-order mark (UTF-16/32 without a BOM?); "
+                        "re-save the file as UTF-8")
+    return "utf-8"
+
+
+def iter_lines(path: Path):
+    """(line number, text) of every line, streamed (never the whole file in memory); CRLF and a BOM are
+    handled; a decoding error names the line."""
+    encoding = sniff_encoding(path)
+    if encoding.startswith("utf-8"):
+        with open(path, "rb") as f:
+            for lineno, raw in enumerate(f, start=1):
+                if lineno == 1 and raw.startswith(b"\xef\xbb\xbf"):
+                    raw = raw[3:]
+                try:
+                    yield lineno, raw.decode("utf-8")
+                except UnicodeDecodeError as e:
+                    raise UserError(f"{path}:{lineno}: not UTF-8 (byte {e.start}); re-save the file as UTF-8") from None
+        return
+    import io
+
+    with io.open(path, encoding=encoding, newline=None) as f:  # the BOM picks the byte order
+        lineno = 0
+        try:
+            for lineno, line in enumerate(f, start=1):
+                yield lineno, line
+        except UnicodeDecodeError:
+            raise UserError(f"{path}:{lineno + 1}: not valid {encoding.upper()} although the file starts with its "
+                            "byte-order mark; re-save the file as UTF-8") from None
+
+
+def _first_char(path: Path) -> str:
+    for _, line in iter_lines(path):
+        if line.strip():
+            return line.lstrip()[0]
+    return ""
+
+
+def iter_jsonl(path: Path):
+    """Records of a JSON-lines file, one at a time (bounded memory, whatever the file's size)."""
+    for lineno, line in iter_lines(path):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise UserError(
+                f"{path}:{lineno}: not valid JSON ({e.msg} at column {e.colno}); fix or remove the line"
+            ) from None
+        if not isinstance(row, dict):
+            raise UserError(f"{path}:{lineno}: expected a JSON object per line, got {type(row).__name__}")
+        yield Record(f"{path}:{lineno}", row)
+
+
+def _read_jsonl(path: Path) -> list[Record]:
+    if _first_char(path) == "[":  # a JSON array under a .jsonl name
+        return _read_json(path)
+    return list(iter_jsonl(path))
 
 
 def _read_json(path: Path) -> list[Record]:
-    try:
-        text = path.read_bytes().decode("utf-8")
-    except UnicodeDecodeError as e:
-        raise UserError(f"{path}: not UTF-8 (byte {e.start}); re-save the file as UTF-8") from None
+    """A JSON array (or an object holding one) — read whole: JSON has no record boundaries to stream on;
+    JSON lines under a .json name are streamed as such."""
+    if _first_char(path) == "{":
+        first, second = None, None
+        for _, line in iter_lines(path):
+            if line.strip():
+                if first is None:
+                    first = line
+                else:
+                    second = line
+                    break
+        try:
+            json.loads(first)
+            is_lines = True  # the first line is a whole object: JSON lines
+        except json.JSONDecodeError:
+            is_lines = False
+        if is_lines and second is not None and second.lstrip().startswith("{"):
+            return list(iter_jsonl(path))
+    text = "".join(line for _, line in iter_lines(path))
     try:
         data = json.loads(text)
     except json.JSONDecodeError as e:
-        if "\n{" in text or text.lstrip().startswith("{"):
-            return _read_jsonl(path)  # JSON lines under a .json name
         raise UserError(f"{path}:{e.lineno}: not valid JSON ({e.msg}); fix the file") from None
     if isinstance(data, dict):
         data = next((v for v in data.values() if isinstance(v, list)), [data])
@@ -123,6 +187,9 @@ def read_source(src: DataSource, recipe: Recipe | None = None) -> list[Record]:
     if src.hub is not None:
         return _read_hub(src)
     path = recipe.resolve_path(src.path) if recipe is not None else Path(src.path)
+    if path.is_dir():
+        raise UserError(f"data.sources[].path: {src.path} is a directory ({path}); give a data file "
+                        "(.jsonl, .json, .parquet or .csv) — one source per file")
     if not path.is_file():
         raise UserError(f"data file not found: {src.path} (looked at {path}); fix data.sources[].path")
     suffix = path.suffix.lower()
