@@ -329,3 +329,37 @@ def test_a_data_path_or_recipe_path_that_is_a_directory(tmp_path, tiny_model_dir
     _one_line_exit_2(_cli(["train", str(recipe), "--quiet"]), "data.sources[].path:", "is a directory")
     assert not (tmp_path / "run").exists()
     _one_line_exit_2(_cli(["train", str(tmp_path), "--quiet"]), f"{tmp_path}: is a directory", "r.yaml")
+
+
+# --------------------------------------------------------------------------------------------------
+# Measured numbers that cannot be true
+# --------------------------------------------------------------------------------------------------
+
+
+def test_peak_is_the_best_of_several_measurements(monkeypatch):
+    from loraforge import flops
+
+    monkeypatch.setattr(flops, "_best_cpu_peak", 0.0)
+    readings = iter([2e9, 9e9, 3e9])  # the machine was busy during the first and last measurement
+    assert flops.robust_cpu_peak(rounds=3, pause_s=0, measure=lambda: next(readings)) == 9e9
+    assert flops.robust_cpu_peak(rounds=1, measure=lambda: 1e9) == 9e9  # a later busy reading never lowers it
+
+
+def test_mfu_never_above_100_percent_under_a_busy_peak(make_recipe, monkeypatch):
+    from loraforge import flops
+    from loraforge.cli import _print_result, console
+    from loraforge.recipe import load_recipe
+    from loraforge.train import run
+
+    monkeypatch.setattr(flops, "_best_cpu_peak", 0.0)
+    monkeypatch.setattr(flops, "measure_cpu_matmul_peak", lambda: 1e3)  # measured while other work held the cores
+    result = run(load_recipe(make_recipe(training={"max_steps": 2})), quiet=True)
+    assert result.mfu is None and "uncertain" in result.peak_source
+    summary = json.loads((result.run_dir / "train_summary.json").read_text())
+    assert summary["mfu"] is None and "uncertain" in summary["peak_source"]
+    with console.capture() as cap:
+        _print_result(result)
+    text = cap.get()
+    assert "MFU" in text and "not reported" in text and "%" not in text.split("MFU", 1)[1].split("\n")[0].split(";")[0]
+    monkeypatch.setattr(flops, "measure_cpu_matmul_peak", lambda: 1e15)  # an idle, honest peak
+    assert flops.checked_mfu(result.tokens_per_second, result.flops_per_token, flops.robust_cpu_peak(), 1, "x")[0] <= 1

@@ -97,6 +97,8 @@ def _print_result(result) -> None:
     if result.mfu is not None:
         table.add_row("MFU", f"{100 * result.mfu:.1f}% ({result.flops_per_token / 1e9:.2f} GFLOP per token; "
                              f"peak {result.peak_flops / 1e12:.2f} TFLOP/s, {result.peak_source})")
+    elif result.peak_source and "uncertain" in result.peak_source:
+        table.add_row("MFU", f"not reported: peak {result.peak_flops / 1e12:.2f} TFLOP/s, {result.peak_source}")
     if getattr(result, "startup_s", None):
         from .callbacks import format_stages
 

@@ -423,12 +423,13 @@ def _run(recipe: Recipe, overwrite: bool = False, quiet: bool = False) -> RunRes
         per_token = flops.lora_step_flops_per_token(prep.shape, recipe.lora.r, recipe.lora.target_modules,
                                                      [min(n, seq) for n in prep.lengths])
         peak_flops, source = flops.device_peak(hw)
+    mfu, source = flops.checked_mfu(tps, per_token, peak_flops, hw.world_size, source) if per_token else (None, source)
     result = RunResult(
         run_dir, trained=True, train_loss=out.training_loss, eval_loss=eval_loss,
         steps=trainer.state.global_step, wall_s=time.time() - t0, trainable_params=trainable, total_params=total,
         tokens_seen=tokens, tokens_per_second=tps, peak_memory_gib=peak, memory_measured=measured,
         predicted_peak_gib=plan.to_dict().get("predicted_peak_gib"),
-        mfu=flops.mfu(tps, per_token, peak_flops, hw.world_size) if per_token else None,
+        mfu=mfu,
         flops_per_token=per_token, peak_flops=peak_flops, peak_source=source, startup_s=startup.startup_s,
         startup_stages=stages,
     )
