@@ -363,3 +363,35 @@ def test_mfu_never_above_100_percent_under_a_busy_peak(make_recipe, monkeypatch)
     assert "MFU" in text and "not reported" in text and "%" not in text.split("MFU", 1)[1].split("\n")[0].split(";")[0]
     monkeypatch.setattr(flops, "measure_cpu_matmul_peak", lambda: 1e15)  # an idle, honest peak
     assert flops.checked_mfu(result.tokens_per_second, result.flops_per_token, flops.robust_cpu_peak(), 1, "x")[0] <= 1
+
+
+# --------------------------------------------------------------------------------------------------
+# The same install, every time
+# --------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.skipif(os.environ.get("LORAFORGE_UNPINNED") == "1", reason="installed unpinned on purpose")
+def test_installed_versions_equal_the_constraints():
+    import constraints_check
+
+    assert len(constraints_check.pins()) >= 20
+    assert constraints_check.differences() == {}, (
+        "installed versions differ from constraints.txt (bash install.sh installs them; to move to newer ones "
+        "see the README's 'Updating the tested versions')")
+
+
+def test_install_uses_the_constraints_and_pyproject_allows_them():
+    import tomllib
+
+    from packaging.requirements import Requirement
+
+    import constraints_check
+
+    script = (constraints_check.CONSTRAINTS.parent / "install.sh").read_text()
+    assert "-c constraints.txt" in script and "LORAFORGE_UNPINNED" in script
+    project = tomllib.loads((constraints_check.CONSTRAINTS.parent / "pyproject.toml").read_text())["project"]
+    reqs = [Requirement(r) for r in project["dependencies"] + sum(project["optional-dependencies"].values(), [])]
+    pins = {k.lower(): v for k, v in constraints_check.pins().items()}
+    for req in reqs:
+        assert req.name.lower() in pins, f"{req.name} has no pin in constraints.txt"
+        assert req.specifier.contains(pins[req.name.lower()]), f"pyproject.toml's {req} excludes the pin"
