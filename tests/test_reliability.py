@@ -19,6 +19,7 @@ import yaml
 from conftest import chat_records, recipe_dict, write_jsonl
 
 TESTS = Path(__file__).parent
+STATUS = __import__("re").compile(r"^\[loraforge\] +\d+\.\d s  ")  # a status line (status.stage)
 
 # Trains as `python -m loraforge.train` does, but waits before step 2 until the file argv[1] exists.
 PAUSING = textwrap.dedent(
@@ -72,20 +73,30 @@ def test_second_run_on_a_locked_directory_stops_at_once(tmp_path, tiny_model_dir
     (tmp_path / "driver.py").write_text(PAUSING)
     go = tmp_path / "go"
     first = subprocess.Popen([sys.executable, str(tmp_path / "driver.py"), str(go), str(recipe), "--quiet"],
-                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_env())
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                             env=_env() | {"MPLCONFIGDIR": str(tmp_path / "mpl")})  # a fresh font cache is built
     try:
         _wait_for(tmp_path / "paused", first)  # the first run is training (step 1 done)
         second = subprocess.run([sys.executable, "-m", "loraforge", "train", str(recipe), "--quiet"],
                                 capture_output=True, text=True, env=_env(), timeout=300)
         assert second.returncode == 2, second.stderr[-3000:]
-        lines = [l for l in second.stderr.splitlines() if l.strip()]
+        lines = [l for l in second.stderr.splitlines() if l.strip() and not STATUS.match(l)]
         assert len(lines) == 1 and "Traceback" not in second.stderr, second.stderr
+        assert "reading" not in second.stderr  # stopped before any work
         assert str(tmp_path / "run") in lines[0]
         assert f"pid {first.pid} on {socket.gethostname()} since" in lines[0]
     finally:
         go.touch()
         out, err = first.communicate(timeout=600)
     assert first.returncode == 0, err[-3000:]
+    # quiet, honest output: a status line per stage from the first second, no library noise
+    status = [l for l in err.splitlines() if STATUS.match(l)]
+    assert float(status[0].split()[1]) < 5 and "loading libraries" in status[0], err[:2000]
+    for what in ("libraries loaded (torch", "reading and tokenizing", "loading the model", "building the trainer",
+                 "training", "training done"):
+        assert any(what in l for l in status), (what, status)
+    for noise in ("fontManager", "Setting accelerator to CPU", "Traceback"):
+        assert noise not in err, err[-3000:]
     summary = json.loads((tmp_path / "run" / "train_summary.json").read_text())
     assert summary["steps"] == 4
     from safetensors.torch import load_file

@@ -40,7 +40,7 @@ def lora_step_flops_per_token(shape, lora_r: int, targets, lengths: list[int]) -
     return 4.0 * frozen + 6.0 * adapters + 3.0 * attn_fwd
 
 
-def measure_cpu_matmul_peak(n: int = 2048, repeats: int = 5) -> float:
+def measure_cpu_matmul_peak(n: int = 2048, repeats: int = 2) -> float:
     """FLOP/s of the best of `repeats` fp32 n x n matrix multiplications, on torch's threads."""
     import torch
 

@@ -293,8 +293,8 @@ def run(recipe: Recipe, overwrite: bool = False, quiet: bool = False) -> RunResu
 
 
 def _run(recipe: Recipe, overwrite: bool = False, quiet: bool = False) -> RunResult:
-    from .callbacks import process_start_time
     from .hardware import detect
+    from .status import process_start_time, stage  # not .callbacks: it imports transformers' Trainer (peft, ...)
 
     t0 = time.time()
     started = process_start_time()
@@ -317,9 +317,12 @@ def _run(recipe: Recipe, overwrite: bool = False, quiet: bool = False) -> RunRes
             result.samples = compare_samples(recipe, run_dir)
         return result
 
+    if "peft" not in sys.modules:
+        stage("loading the training libraries (transformers' Trainer: peft, bitsandbytes)")
     from .preemption import StopOnSignal, exit_if_preempted
 
     stop = StopOnSignal()  # USR1/TERM: finish the step, checkpoint, exit 75 (SLURM requeues; see preemption.py)
+    stage("reading and tokenizing the data, planning")
     prep = prepare(recipe, hw)
     stages["data_and_plan"] = round(time.time() - started, 2)
     plan, tokenizer = prep.plan, prep.tokenizer
@@ -332,6 +335,7 @@ def _run(recipe: Recipe, overwrite: bool = False, quiet: bool = False) -> RunRes
     from transformers import set_seed
 
     set_seed(recipe.training.seed)  # LoRA's A matrices are random: the same recipe must start from the same weights
+    stage(f"loading the model {recipe.model.name_or_path}")
     model = load_base_model(
         prep.model_dir, recipe, plan.precision.model_dtype,
         **base_placement(hw.kind, plan.strategy, hw.local_rank, plan.precision.model_dtype),
@@ -359,6 +363,7 @@ def _run(recipe: Recipe, overwrite: bool = False, quiet: bool = False) -> RunRes
         for leftover in clean_incomplete(ckpt_dir):
             log.info("removed incomplete checkpoint %s", leftover)
         drop_damaged(ckpt_dir)  # verified against the marker's checksums; a damaged one is moved aside
+    stage("building the trainer (trl, peft; memory check)")
     from .batching import RowCollator
 
     attn = getattr(model.config, "_attn_implementation", None) or ""
@@ -401,10 +406,12 @@ def _run(recipe: Recipe, overwrite: bool = False, quiet: bool = False) -> RunRes
     trainer.add_callback(measured_peak_callback(plan, run_dir))
     trainer.add_callback(stop)
     stages["trainer"] = round(time.time() - started, 2)
+    stage("training" + (f" (resuming from {last.name})" if last else ""))
     out = trainer.train(resume_from_checkpoint=str(last) if last else None)
     if startup.startup_s is not None:
         stages["first_step"] = round(startup.startup_s, 2)
     exit_if_preempted(trainer, stop, run_dir)  # stopped on a signal: checkpoint written, exits here
+    stage("training done: evaluating, saving the adapter, writing the model card")
     eval_loss = None
     if prep.eval_ds is not None:
         eval_loss = trainer.evaluate().get("eval_loss")
