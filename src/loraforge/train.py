@@ -148,26 +148,13 @@ def prepare(recipe: Recipe, hw) -> Prepared:
     from .modeling import base_model_dir, load_tokenizer
 
     template = data_mod.resolve_chat_template(recipe)
-    examples = data_mod.load_examples(recipe.data.sources, recipe)
-    train_ex, eval_ex = data_mod.split_eval(examples, recipe.data.eval_split, recipe.training.seed)
-    if recipe.data.eval_sources:
-        eval_ex = eval_ex + data_mod.load_examples(recipe.data.eval_sources, recipe)
-
+    # Streamed (data.py): read + validated first (a bad record stops here, before any model loads), then
+    # tokenized into memory-mapped files on disk, cached between runs: bounded memory whatever the data's
+    # size. One cache writer; the other ranks tokenize too (the same result) rather than wait.
+    scan = data_mod.scan_data(recipe)
     model_dir = base_model_dir(recipe)
     tokenizer = load_tokenizer(model_dir, recipe, template)
-    from . import tokencache
-
-    key = tokencache.cache_key(train_ex, eval_ex, tokenizer, recipe.data.loss_on)
-    cached = tokencache.load(key)
-    if cached is not None:
-        train_ds, eval_ds, lengths = cached
-        log.info("tokenized data from the cache (%s)", key)
-    else:
-        train_ds = data_mod.tokenize_all(train_ex, tokenizer, None, recipe.data.loss_on)
-        eval_ds = data_mod.tokenize_all(eval_ex, tokenizer, None, recipe.data.loss_on) if eval_ex else None
-        lengths = [len(x) for x in train_ds["input_ids"]]
-        if hw.rank == 0:  # one writer; the others tokenize too (the same result) rather than wait
-            tokencache.save(key, train_ds, eval_ds, lengths)
+    train_ds, eval_ds, lengths = data_mod.tokenized_data(recipe, tokenizer, scan, write_cache=hw.rank == 0)
 
     config = AutoConfig.from_pretrained(
         model_dir, trust_remote_code=recipe.model.trust_remote_code, revision=recipe.model.revision
