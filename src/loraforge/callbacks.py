@@ -177,19 +177,10 @@ class ProgressBar(TrainerCallback):
 
 
 def process_start_time() -> float:
-    """When this process started (epoch seconds): from /proc on Linux, else when loraforge was imported."""
-    import os
+    """When this process started (status.process_start_time)."""
+    from .status import process_start_time as started
 
-    try:
-        with open("/proc/self/stat") as f:
-            start_ticks = int(f.read().rsplit(")", 1)[1].split()[19])
-        with open("/proc/stat") as f:
-            boot = next(int(line.split()[1]) for line in f if line.startswith("btime"))
-        return boot + start_ticks / os.sysconf("SC_CLK_TCK")
-    except (OSError, ValueError, IndexError, StopIteration):
-        import loraforge
-
-        return loraforge.IMPORTED_AT
+    return started()
 
 
 class StartupTimer(TrainerCallback):

@@ -173,26 +173,13 @@ def prepare(recipe: Recipe, hw) -> Prepared:
     from .modeling import base_model_dir, load_tokenizer
 
     template = data_mod.resolve_chat_template(recipe)
-    examples = data_mod.load_examples(recipe.data.sources, recipe)
-    train_ex, eval_ex = data_mod.split_eval(examples, recipe.data.eval_split, recipe.training.seed)
-    if recipe.data.eval_sources:
-        eval_ex = eval_ex + data_mod.load_examples(recipe.data.eval_sources, recipe)
-
+    # Streamed (data.py): read + validated first (a bad record stops here, before any model loads), then
+    # tokenized into memory-mapped files on disk, cached between runs: bounded memory whatever the data's
+    # size. One cache writer; the other ranks tokenize too (the same result) rather than wait.
+    scan = data_mod.scan_data(recipe)
     model_dir = base_model_dir(recipe)
     tokenizer = load_tokenizer(model_dir, recipe, template)
-    from . import tokencache
-
-    key = tokencache.cache_key(train_ex, eval_ex, tokenizer, recipe.data.loss_on)
-    cached = tokencache.load(key)
-    if cached is not None:
-        train_ds, eval_ds, lengths = cached
-        log.info("tokenized data from the cache (%s)", key)
-    else:
-        train_ds = data_mod.tokenize_all(train_ex, tokenizer, None, recipe.data.loss_on)
-        eval_ds = data_mod.tokenize_all(eval_ex, tokenizer, None, recipe.data.loss_on) if eval_ex else None
-        lengths = [len(x) for x in train_ds["input_ids"]]
-        if hw.rank == 0:  # one writer; the others tokenize too (the same result) rather than wait
-            tokencache.save(key, train_ds, eval_ds, lengths)
+    train_ds, eval_ds, lengths = data_mod.tokenized_data(recipe, tokenizer, scan, write_cache=hw.rank == 0)
 
     config = AutoConfig.from_pretrained(
         model_dir, trust_remote_code=recipe.model.trust_remote_code, revision=recipe.model.revision
@@ -229,12 +216,16 @@ def prepare(recipe: Recipe, hw) -> Prepared:
 
 def prepare_run_dir(recipe: Recipe, overwrite: bool, is_main: bool) -> tuple[Path, bool]:
     """Create the run directory; (path, already complete). A different recipe in a used directory stops."""
+    from .runlock import LOCK_FILE
+
     run_dir = Path(recipe.output_dir).expanduser()
     existing = run_dir / "recipe.yaml"
-    if run_dir.exists() and any(run_dir.iterdir()):
+    if run_dir.is_dir() and any(p.name != LOCK_FILE for p in run_dir.iterdir()):
         if overwrite:
             if is_main:
-                shutil.rmtree(run_dir)
+                for p in run_dir.iterdir():  # all but the run lock this process holds
+                    if p.name != LOCK_FILE:
+                        shutil.rmtree(p) if p.is_dir() and not p.is_symlink() else p.unlink()
         elif existing.is_file():
             import yaml
 
@@ -318,9 +309,18 @@ def sft_config(recipe: Recipe, plan, run_dir: Path, report_to):
 
 
 def run(recipe: Recipe, overwrite: bool = False, quiet: bool = False) -> RunResult:
-    """Train `recipe` end to end in this process (one of possibly many ranks)."""
-    from .callbacks import process_start_time
+    """Train `recipe` end to end in this process (one of possibly many ranks). The writer rank holds the
+    run directory's lock throughout: a second run on the same directory stops at once (runlock.py)."""
+    from .hardware import process_topology
+    from .runlock import hold
+
+    with hold(recipe.output_dir, enabled=process_topology()["rank"] == 0):
+        return _run(recipe, overwrite, quiet)
+
+
+def _run(recipe: Recipe, overwrite: bool = False, quiet: bool = False) -> RunResult:
     from .hardware import detect
+    from .status import process_start_time, stage  # not .callbacks: it imports transformers' Trainer (peft, ...)
 
     t0 = time.time()
     started = process_start_time()
@@ -347,9 +347,12 @@ def run(recipe: Recipe, overwrite: bool = False, quiet: bool = False) -> RunResu
             result.samples = compare_samples(recipe, run_dir)
         return result
 
+    if "peft" not in sys.modules:
+        stage("loading the training libraries (transformers' Trainer: peft, bitsandbytes)")
     from .preemption import StopOnSignal, exit_if_preempted
 
     stop = StopOnSignal()  # USR1/TERM: finish the step, checkpoint, exit 75 (SLURM requeues; see preemption.py)
+    stage("reading and tokenizing the data, planning")
     prep = prepare(recipe, hw)
     stages["data_and_plan"] = round(time.time() - started, 2)
     plan, tokenizer = prep.plan, prep.tokenizer
@@ -366,6 +369,7 @@ def run(recipe: Recipe, overwrite: bool = False, quiet: bool = False) -> RunResu
     args = sft_config(recipe, plan, run_dir, report_to(recipe))
     _ = args.device  # builds accelerate's PartialState now: torch.cuda.set_device(local_rank) on GPUs
     set_seed(recipe.training.seed)  # LoRA's A matrices are random: the same recipe must start from the same weights
+    stage(f"loading the model {recipe.model.name_or_path}")
     model = load_base_model(
         prep.model_dir, recipe, plan.precision.model_dtype,
         **base_placement(hw.kind, plan.strategy, hw.local_rank, plan.precision.model_dtype, recipe.quantization.mode),
@@ -392,13 +396,15 @@ def run(recipe: Recipe, overwrite: bool = False, quiet: bool = False) -> RunResu
 
     from .callbacks import MetricsFile, NonFiniteGuard
     from .tracking import TrackedConfig
-    from .checkpoints import clean_incomplete, latest_complete
+    from .checkpoints import clean_incomplete, drop_damaged, latest_complete
     from .trainer import make_trainer_class
 
     ckpt_dir = run_dir / "checkpoints"
     if is_main:
         for leftover in clean_incomplete(ckpt_dir):
             log.info("removed incomplete checkpoint %s", leftover)
+        drop_damaged(ckpt_dir)  # verified against the marker's checksums; a damaged one is moved aside
+    stage("building the trainer (trl, peft; memory check)")
     from .batching import RowCollator
 
     attn = getattr(model.config, "_attn_implementation", None) or ""
@@ -450,10 +456,12 @@ def run(recipe: Recipe, overwrite: bool = False, quiet: bool = False) -> RunResu
     trainer.add_callback(memory_report)
     trainer.add_callback(stop)
     stages["trainer"] = round(time.time() - started, 2)
+    stage("training" + (f" (resuming from {last.name})" if last else ""))
     out = trainer.train(resume_from_checkpoint=str(last) if last else None)
     if startup.startup_s is not None:
         stages["first_step"] = round(startup.startup_s, 2)
     exit_if_preempted(trainer, stop, run_dir)  # stopped on a signal: checkpoint written, exits here
+    stage("training done: evaluating, saving the adapter, writing the model card")
     eval_loss = None
     if prep.eval_ds is not None:
         eval_loss = trainer.evaluate().get("eval_loss")
@@ -470,12 +478,13 @@ def run(recipe: Recipe, overwrite: bool = False, quiet: bool = False) -> RunResu
         per_token = flops.lora_step_flops_per_token(prep.shape, recipe.lora.r, recipe.lora.target_modules,
                                                      [min(n, seq) for n in prep.lengths])
         peak_flops, source = flops.device_peak(hw)
+    mfu, source = flops.checked_mfu(tps, per_token, peak_flops, hw.world_size, source) if per_token else (None, source)
     result = RunResult(
         run_dir, trained=True, train_loss=out.training_loss, eval_loss=eval_loss,
         steps=trainer.state.global_step, wall_s=time.time() - t0, trainable_params=trainable, total_params=total,
         tokens_seen=tokens, tokens_per_second=tps, peak_memory_gib=peak, memory_measured=measured,
         predicted_peak_gib=plan.to_dict().get("predicted_peak_gib"),
-        mfu=flops.mfu(tps, per_token, peak_flops, hw.world_size) if per_token else None,
+        mfu=mfu,
         flops_per_token=per_token, peak_flops=peak_flops, peak_source=source, startup_s=startup.startup_s,
         startup_stages=stages,
     )
@@ -486,6 +495,9 @@ def run(recipe: Recipe, overwrite: bool = False, quiet: bool = False) -> RunResu
     samples = final_samples(recipe, run_dir, trainer, tokenizer, plan.strategy)
     if trainer.is_world_process_zero():
         tokenizer.save_pretrained(str(run_dir))
+        from .checkpoints import write_manifest
+
+        write_manifest(run_dir)  # checksums of adapter + tokenizer, verified before eval/merge/export/chat
         (run_dir / "training_args.bin").unlink(missing_ok=True)  # a pickle; recipe.yaml + plan.json say it all
         _write_json(run_dir / DONE_FILE, result.summary())
         if samples is not None:
