@@ -4,7 +4,6 @@ Plus property-based tests over the recipe schema and the data loaders, and the s
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import pytest
