@@ -34,6 +34,9 @@ def quiet_libraries() -> None:
     from .secrets import install_log_filter
 
     install_log_filter()
+    from .quant import silence_cpu_kernel_notice
+
+    silence_cpu_kernel_notice()  # before anything imports bitsandbytes (peft does); see quant.py
     for name in ("transformers", "datasets", "peft", "trl", "accelerate", "httpx", "urllib3", "DeepSpeed"):
         logging.getLogger(name).setLevel(logging.ERROR)
     try:

@@ -83,6 +83,12 @@ def add_plain_lm_head(model) -> None:
     model.forward = types.MethodType(forward, model)
 
 
+def _quantized(model) -> bool:
+    from .quant import is_quantized
+
+    return is_quantized(model)
+
+
 def make_trainer_class():
     """Build the subclass lazily: importing trl is slow and not needed for plan/recipe work."""
     from trl import SFTTrainer
@@ -96,7 +102,23 @@ def make_trainer_class():
         _lf_pending = None
 
         def __init__(self, *args, loss_head: str = "fused", rows_per_forward: int | None = None, **kwargs):
-            super().__init__(*args, **kwargs)
+            from .quant import adapter_dtype, keep_adapter_dtype, optimizer_fallback, training_ready
+
+            model, targs = kwargs.get("model"), kwargs.get("args")
+            if targs is not None:
+                optim, note = optimizer_fallback(str(getattr(targs.optim, "value", targs.optim)),
+                                                 "cpu" if targs.use_cpu or not torch.cuda.is_available() else "cuda")
+                if note:
+                    import logging
+
+                    logging.getLogger("loraforge").warning(note)
+                    targs.optim = optim
+            if model is not None:
+                training_ready(model)
+            label = "bf16" if getattr(targs, "bf16", False) else "fp16" if getattr(targs, "fp16", False) else "fp32"
+            self.lf_adapter_dtype = adapter_dtype("4bit" if model is not None and _quantized(model) else "none", label)
+            with keep_adapter_dtype(model, self.lf_adapter_dtype) if model is not None else contextlib.nullcontext():
+                super().__init__(*args, **kwargs)  # trl casts a quantized model's adapters to bf16: kept where fp32
             base = self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
             self.lf_plain_head = loss_head == "plain" and plain_head_supported(base.config)
             if self.lf_plain_head:
