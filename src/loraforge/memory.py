@@ -315,8 +315,8 @@ def estimate(shape: ModelShape, s: TrainSetup) -> MemoryEstimate:
         qconst = L * sum(o for _, o in shape.linears().values()) * 4  # per-row scales
     # ---- LoRA, gradients, optimizer ------------------------------------------------------------
     n_lora = shape.lora_params(s.lora_r, s.lora_targets)
-    # peft keeps adapters in fp32 over a bf16 base; trl casts QLoRA adapters to bf16
-    lora_bytes = 2 if quant != "none" else 4
+    # peft keeps adapters in fp32 over a bf16 base; QLoRA adapters are bf16 in a bf16 run, else fp32 (quant.adapter_dtype)
+    lora_bytes = 2 if quant != "none" and s.precision == "bf16" else 4
     lora = n_lora * lora_bytes
     grads = n_lora * lora_bytes
     opt_state, opt_transient = _opt_state_bytes(s.optimizer, n_lora, lora_bytes)

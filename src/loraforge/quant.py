@@ -170,3 +170,30 @@ def training_ready(model) -> None:
     for module in model.modules():
         if isinstance(module, bnb.nn.Linear4bit):
             module.support_avx512bf16_for_cpu = False
+
+
+def describe(q) -> str:
+    """'4-bit nf4 (double quant)' / '8-bit LLM.int8' for messages."""
+    if q.mode == "8bit":
+        return "8-bit LLM.int8"
+    return f"4-bit {q.quant_type}{' (double quant)' if q.double_quant else ''}"
+
+
+def full_precision_bytes(model_dir: str) -> int | None:
+    """Bytes of the base in float32 (what a merge holds in RAM), from its safetensors headers; None if unknown."""
+    from pathlib import Path
+
+    files = sorted(Path(model_dir).glob("*.safetensors")) if Path(model_dir).is_dir() else []
+    if not files:
+        return None
+    from safetensors import safe_open
+
+    total = 0
+    for f in files:
+        with safe_open(str(f), framework="pt") as st:
+            for key in st.keys():
+                n = 1
+                for d in st.get_slice(key).get_shape():
+                    n *= d
+                total += n
+    return total * 4
