@@ -307,3 +307,105 @@ def test_qlora_resume_equals_the_uninterrupted_run(tmp_path, tiny_model_dir, mon
     assert got.keys() == expected.keys()
     diff = max((got[k] - expected[k]).abs().max().item() for k in got)
     assert diff <= 1e-5, f"resumed QLoRA adapter differs by {diff}"
+
+
+# ----------------------------------------------------------------------------- 4. LoRA variants and inits
+
+
+VARIANTS = {
+    "dora": {"use_dora": True},
+    "rslora": {"use_rslora": True},
+    "modules_to_save": {"modules_to_save": ["lm_head"]},
+}
+
+
+@pytest.mark.parametrize("quant", ["none", "4bit"])
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_lora_variant_trains(variant, quant, tmp_path, tiny_model_dir, monkeypatch):
+    lora = {"r": 8, "alpha": 16, "dropout": 0.0, **VARIANTS[variant]}
+    recipe = write_recipe(tmp_path, tiny_model_dir, lora=lora, quantization={"mode": quant},
+                          training={"max_steps": 12, "learning_rate": 1e-2})
+    result, model = train_capturing(recipe, monkeypatch)
+    losses = _losses(result.run_dir)
+    assert sum(losses[-3:]) / 3 < 0.8 * losses[0], losses
+    params = dict(model.named_parameters())
+    trainable = {n for n, p in params.items() if p.requires_grad}
+    layer = model.get_base_model().model.layers[0].self_attn.q_proj
+    if variant == "dora":
+        mags = [n for n in trainable if "lora_magnitude_vector" in n]
+        assert len(mags) == 14  # one per adapted linear, trained
+        w = params[mags[0]]
+        assert w.dtype == torch.float32
+    elif variant == "rslora":
+        assert layer.scaling["default"] == pytest.approx(16 / 8 ** 0.5)  # alpha / sqrt(r), not alpha / r
+    else:
+        head = [n for n in trainable if "lm_head.modules_to_save" in n]
+        assert head, sorted(trainable)[:5]
+        from safetensors.torch import load_file
+
+        saved = load_file(result.run_dir / "adapter_model.safetensors")
+        key = next(k for k in saved if "lm_head" in k)
+        from safetensors.torch import load_file as lf
+
+        original = lf(tiny_model_dir / "model.safetensors")["lm_head.weight"]
+        assert (saved[key] - original).abs().max() > 1e-3  # the full copy of the head was trained and saved
+    if quant == "4bit":
+        assert type(layer.base_layer) is bnb.nn.Linear4bit
+    # the run reloads for eval/chat as it trained (the 4-bit base, the variant's adapter)
+    from loraforge.infer import load_for_inference
+
+    again, _ = load_for_inference(result.run_dir, device="cpu")
+    got = {n: p for n, p in again.named_parameters() if "lora_" in n or "modules_to_save" in n}
+    for n, p in got.items():
+        torch.testing.assert_close(p.float(), params[n].float().detach(), atol=0, rtol=0)
+
+
+def test_pissa_over_a_full_precision_base_is_saved_as_plain_lora(tmp_path, tiny_model_dir, monkeypatch):
+    """PiSSA trains over W - B0A0; the saved adapter is converted (peft) to a LoRA over the original W, so
+    base + saved adapter computes what the trained model computed."""
+    from loraforge.infer import load_for_inference
+
+    recipe = write_recipe(tmp_path, tiny_model_dir, lora={"r": 8, "alpha": 8, "dropout": 0.0, "init": "pissa"},
+                          training={"max_steps": 10, "learning_rate": 2e-3})
+    result, model = train_capturing(recipe, monkeypatch)
+    losses = _losses(result.run_dir)
+    assert losses[-1] < losses[0], losses
+    config = json.loads((result.run_dir / "adapter_config.json").read_text())
+    assert config["r"] == 16 and config["init_lora_weights"] is True  # converted: rank 2r, plain init
+    reloaded, tok = load_for_inference(result.run_dir, device="cpu")
+    ids = tok("What is your name?", return_tensors="pt")
+    model.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(**ids).logits, model(**ids).logits, atol=1e-4, rtol=1e-4)
+
+
+def test_olora_over_a_4bit_base_trains(tmp_path, tiny_model_dir, monkeypatch):
+    """OLoRA works over a 4-bit base: peft dequantizes, takes the QR, re-quantizes the residual."""
+    recipe = write_recipe(tmp_path, tiny_model_dir, lora={"r": 8, "alpha": 8, "dropout": 0.0, "init": "olora"},
+                          quantization={"mode": "4bit"}, training={"max_steps": 10, "learning_rate": 2e-3})
+    result, model = train_capturing(recipe, monkeypatch)
+    losses = _losses(result.run_dir)
+    assert losses[-1] < losses[0], losses
+    layer = model.get_base_model().model.layers[0].self_attn.q_proj
+    assert type(layer.base_layer) is bnb.nn.Linear4bit
+    assert json.loads((result.run_dir / "adapter_config.json").read_text())["r"] == 16  # converted
+    from loraforge.infer import load_for_inference
+
+    reloaded, _ = load_for_inference(result.run_dir, device="cpu")  # the original 4-bit base + converted adapter
+    assert type(reloaded.get_base_model().model.layers[0].self_attn.q_proj.base_layer) is bnb.nn.Linear4bit
+
+
+@pytest.mark.parametrize("init, quant, message", [
+    ("pissa", "4bit", "lora.init: pissa needs a full-precision base"),
+    ("pissa", "8bit", "lora.init: pissa needs a full-precision base"),
+    ("loftq", "4bit", "lora.init: loftq is not offered"),
+    ("loftq", "none", "lora.init: loftq is not offered"),
+])
+def test_unsupported_inits_are_refused_in_one_line(init, quant, message, tmp_path, tiny_model_dir):
+    from loraforge.train import run
+
+    recipe = write_recipe(tmp_path, tiny_model_dir, lora={"r": 8, "alpha": 16, "init": init}, quantization={"mode": quant})
+    with pytest.raises(UserError, match=message) as e:
+        run(recipe, quiet=True)
+    assert "\n" not in str(e.value)
+    assert not (tmp_path / "run").exists()

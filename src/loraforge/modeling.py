@@ -192,7 +192,11 @@ def lora_config(lora: LoraSection, model):
                 f"lora.target_modules: {', '.join(missing)} not in this model; its linear layers are "
                 f"{', '.join(sorted(available))} (or use all-linear)"
             )
+    from .quant import check_lora_init, is_quantized
+
+    check_lora_init(lora.init, is_quantized(model))
     return LoraConfig(
+        init_lora_weights=True if lora.init == "default" else lora.init,
         r=lora.r,
         lora_alpha=lora.alpha,
         lora_dropout=lora.dropout,

@@ -197,3 +197,23 @@ def full_precision_bytes(model_dir: str) -> int | None:
                     n *= d
                 total += n
     return total * 4
+
+
+# Initialisations that move part of the base weight into the adapter (W_res = W - B0 A0): the final adapter
+# is saved converted to a plain LoRA over the original base (peft's path_initial_model_for_weight_conversion).
+MUTATING_INITS = ("olora", "pissa")
+
+
+def check_lora_init(init: str, quantized: bool) -> None:
+    """Refuse, in one line, an initialisation loraforge cannot carry through train -> eval -> merge."""
+    if init == "pissa" and quantized:
+        raise UserError(
+            "lora.init: pissa needs a full-precision base (peft computes the SVD of the unquantized weight and "
+            "refuses a 4-bit/8-bit one); use quantization.mode: none, or lora.init: olora over a quantized base"
+        )
+    if init == "loftq":
+        raise UserError(
+            "lora.init: loftq is not offered: its adapter corrects the quantization error of the very 4-bit weights "
+            "it was fitted to, so merging it into the full-precision base (as loraforge merge/export do) would count "
+            "that error twice; use lora.init: olora (works over a 4-bit base) or default"
+        )

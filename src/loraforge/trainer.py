@@ -127,6 +127,37 @@ def make_trainer_class():
             self.lf_rows_per_forward = None if self.is_deepspeed_enabled else rows_per_forward
             self.loss_is_scaled_for_ga = True  # compute_loss divides by the step's loss-token count
 
+        def _lf_mutating_init(self):
+            from .quant import MUTATING_INITS
+
+            config = getattr(self.model, "peft_config", {}).get("default")
+            return config is not None and config.init_lora_weights in MUTATING_INITS
+
+        def save_model(self, output_dir=None, _internal_call=False):
+            """The final adapter of an OLoRA/PiSSA run (which trained over W - B0A0) is written converted to a
+            plain LoRA over the original base, so that eval, chat and merge load it like any other run."""
+            if _internal_call or not self._lf_mutating_init() or self._lf_initial is None:
+                return super().save_model(output_dir, _internal_call=_internal_call)
+            if self.args.should_save:
+                self.model.save_pretrained(output_dir, path_initial_model_for_weight_conversion=self._lf_initial)
+            self.accelerator.wait_for_everyone()
+
+        _lf_initial = None
+
+        def train(self, *args, **kwargs):
+            if self._lf_mutating_init() and self.args.should_save and self._lf_initial is None:
+                import tempfile
+
+                # the adapter as initialised (the same on a resume: the init is a deterministic QR/SVD of the base)
+                self._lf_initial = tempfile.mkdtemp(prefix="loraforge-init-")
+                config = self.model.peft_config["default"]
+                init, config.init_lora_weights = config.init_lora_weights, True
+                try:
+                    self.model.save_pretrained(self._lf_initial)
+                finally:
+                    config.init_lora_weights = init
+            return super().train(*args, **kwargs)
+
         def training_step(self, model, inputs, num_items_in_batch=None):
             if self._lf_last is None:
                 self._lf_last = (time.time(), getattr(self, "_total_train_tokens", 0))
