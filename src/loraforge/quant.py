@@ -217,3 +217,43 @@ def check_lora_init(init: str, quantized: bool) -> None:
             "it was fitted to, so merging it into the full-precision base (as loraforge merge/export do) would count "
             "that error twice; use lora.init: olora (works over a 4-bit base) or default"
         )
+
+
+def loaded_bytes(model) -> dict[str, int]:
+    """What a loaded (quantized) model really holds, by storage, each tensor counted once:
+    `base_weights` = the packed 4-bit / int8 weights of the linear layers + every other parameter and buffer;
+    `quant_constants` = bitsandbytes' quantization state (4-bit: absmax, nested absmax, code tables, offsets;
+    8-bit: the per-row scales SCB). The memory model's `base_weights` and `quant_constants` are checked
+    against these (tests/test_qlora.py)."""
+    import torch
+
+    seen: set[int] = set()
+
+    def size(t) -> int:
+        if t is None or not isinstance(t, torch.Tensor):
+            return 0
+        key = t.untyped_storage().data_ptr()
+        if key in seen:
+            return 0
+        seen.add(key)
+        return t.untyped_storage().nbytes()
+
+    weights = qconst = 0
+    for p in model.parameters():
+        weights += size(p)
+    for b in model.buffers():
+        weights += size(b)
+    for m in model.modules():
+        w = getattr(m, "weight", None)
+        state = getattr(w, "quant_state", None)
+        if state is not None:
+            for t in (state.absmax, state.code, state.offset):
+                qconst += size(t)
+            nested = getattr(state, "state2", None)
+            if nested is not None:
+                qconst += size(nested.absmax) + size(nested.code)
+        scb = getattr(w, "SCB", None)
+        if scb is None:
+            scb = getattr(getattr(m, "state", None), "SCB", None)
+        qconst += size(scb)
+    return {"base_weights": weights, "quant_constants": qconst}
