@@ -201,11 +201,21 @@ def one_process(tmp_path_factory, tiny_model_dir):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("strategy", ["ddp", "zero2", "zero3"])
+@pytest.mark.parametrize("strategy", ["ddp", "zero2", "zero3", "zero3-offload"])
 def test_two_processes_train_the_same_adapter_as_one(one_process, tiny_model_dir, strategy):
+    """zero3-offload: the shipped JSON sets "zero_force_ds_cpu_optimizer": false. Without it accelerate swaps the
+    Trainer's torch AdamW for DeepSpeedCPUAdam (a JIT-built C++ op; here its build never finished) and DeepSpeed
+    itself refuses a client optimizer under offload (engine.py: ZeRORuntimeException)."""
     tmp = one_process
     recipe = _topology_recipe(tmp, tiny_model_dir, strategy)
     _loraforge("launch", str(recipe), "--strategy", strategy, "--gpus", "2", "--set", "training.device=cpu")
+    launched = json.loads((tmp / strategy / "launch.json").read_text())  # what the accelerator really set up
+    assert launched["accelerate_config"] == config_file(strategy, 1).name and launched["world_size"] == 2
+    assert launched["distributed_type"] == ("MULTI_CPU" if strategy == "ddp" else "DEEPSPEED")
+    if strategy.startswith("zero"):
+        assert launched["zero_stage"] == (2 if strategy == "zero2" else 3)
+        assert (launched["offload_optimizer"], launched["offload_param"]) == (
+            ("cpu", "cpu") if strategy == "zero3-offload" else (None, None))
     one, two = json.loads((tmp / "one" / "plan.json").read_text()), json.loads((tmp / strategy / "plan.json").read_text())
     assert (one["world_size"], two["world_size"]) == (1, 2)  # really two processes
     assert two["strategy"] == strategy

@@ -83,7 +83,7 @@ def make_plan(recipe: Recipe, hw, longest_sample: int, model_max: int | None, sh
 
         strategy = (getattr(hw, "strategy", None) or strategy_from_env()) if hw.world_size > 1 else "single"
         strategy = "ddp" if strategy == "single" and hw.world_size > 1 else strategy
-        check_supported(strategy, recipe.quantization.mode != "none")
+        check_supported(strategy, recipe.quantization.mode)
         plan = plan_with_memory(recipe, hw, precision, strategy, shape, longest_sample, model_max, lengths)
         if strategy == "fsdp" and hw.kind == "cpu":
             plan = replace(plan, notes=plan.notes + ("on CPU, accelerate runs FSDP as plain DDP: the weights are not sharded here (a GPU run is)",))
@@ -377,6 +377,12 @@ def run(recipe: Recipe, overwrite: bool = False, quiet: bool = False) -> RunResu
 
     startup = StartupTimer()
     trainer.add_callback(startup)
+    from .launch import check_launched, launch_record
+
+    launched = launch_record(trainer.accelerator, hw)  # what really ran: distributed type, ZeRO stage, world
+    if is_main:
+        _write_json(run_dir / "launch.json", launched)
+    check_launched(launched)
     trainer.accelerator.wait_for_everyone()  # the main process has cleaned up before anyone looks
     last = latest_complete(ckpt_dir)
     if last and is_main:
