@@ -246,10 +246,10 @@ def _cuda_build() -> bool:
     return bool(getattr(torch.version, "cuda", None) or getattr(torch.version, "hip", None))
 
 
-def local_gpus_without_context(load_nvml=Nvml.load, child=gpus_from_child, cuda_build=_cuda_build
-                               ) -> tuple[tuple[Gpu, ...], str]:
+def local_gpus_without_context(load_nvml=None, child=None, cuda_build=None) -> tuple[tuple[Gpu, ...], str]:
     """(GPUs with free memory, how they were measured: "nvml", "child process" or "none"), opening no CUDA
     context in this process: NVML, else a child process (only with a CUDA build of torch), else no GPU."""
+    load_nvml, child, cuda_build = load_nvml or Nvml.load, child or gpus_from_child, cuda_build or _cuda_build
     nvml = load_nvml()
     if nvml is not None:
         try:
