@@ -228,6 +228,19 @@ def test_two_processes_train_the_same_adapter_as_one(one_process, tiny_model_dir
 
 
 @pytest.mark.slow
+def test_single_strategy_launches_one_process_through_accelerate(one_process, tiny_model_dir):
+    """`loraforge launch --strategy single`: accelerate's simple launcher with single_gpu.yaml, one process,
+    the adapter of `loraforge train`."""
+    tmp = one_process
+    _loraforge("launch", str(_topology_recipe(tmp, tiny_model_dir, "single")), "--strategy", "single",
+               "--set", "training.device=cpu")
+    launched = json.loads((tmp / "single" / "launch.json").read_text())
+    assert launched["accelerate_config"] == "single_gpu.yaml"
+    assert (launched["distributed_type"], launched["world_size"]) == ("NO", 1)
+    assert _max_diff(_adapter(tmp / "one"), _adapter(tmp / "single")) <= 1e-6
+
+
+@pytest.mark.slow
 def test_plain_torchrun_works_too(one_process, tiny_model_dir):
     tmp = one_process
     recipe = _topology_recipe(tmp, tiny_model_dir, "torchrun")
