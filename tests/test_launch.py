@@ -241,6 +241,21 @@ def test_single_strategy_launches_one_process_through_accelerate(one_process, ti
 
 
 @pytest.mark.slow
+def test_a_zero2_launch_that_accelerate_would_run_as_ddp_stops(one_process, tiny_model_dir):
+    """ACCELERATE_USE_CPU=1 (what the SLURM CPU template used to export) makes AcceleratorState(cpu=True) skip
+    DeepSpeed: the ZeRO-2 launch would train plain MULTI_CPU DDP. Each process stops before training, saying so."""
+    recipe = _topology_recipe(one_process, tiny_model_dir, "zero2-as-ddp")
+    env = os.environ | {"PYTHONPATH": str(Path(__file__).parent), "ACCELERATE_USE_CPU": "1"}
+    proc = subprocess.run([sys.executable, "-m", "loraforge", "launch", str(recipe), "--strategy", "zero2", "--gpus", "2",
+                           "--set", "training.device=cpu"], capture_output=True, text=True, timeout=900, env=env)
+    assert proc.returncode != 0
+    assert "launched for zero2 (DeepSpeed), but accelerate set up MULTI_CPU; unset ACCELERATE_USE_CPU" in proc.stderr
+    launched = json.loads((one_process / "zero2-as-ddp" / "launch.json").read_text())
+    assert launched["distributed_type"] == "MULTI_CPU"  # what it would have trained as
+    assert not (one_process / "zero2-as-ddp" / "adapter_model.safetensors").exists()
+
+
+@pytest.mark.slow
 def test_plain_torchrun_works_too(one_process, tiny_model_dir):
     tmp = one_process
     recipe = _topology_recipe(tmp, tiny_model_dir, "torchrun")
