@@ -153,12 +153,21 @@ class Nvml:
         return buf.value.decode(errors="replace")
 
     def memory(self, i: int) -> tuple[int, int]:
-        """(total, free) bytes."""
+        """(total, free) bytes; total without the driver's reserve where NVML says it (v2), as CUDA reports it."""
         import ctypes
+
+        class MemoryV2(ctypes.Structure):
+            _fields_ = [("version", ctypes.c_uint), ("total", ctypes.c_ulonglong), ("reserved", ctypes.c_ulonglong),
+                        ("free", ctypes.c_ulonglong), ("used", ctypes.c_ulonglong)]
 
         class Memory(ctypes.Structure):
             _fields_ = [("total", ctypes.c_ulonglong), ("free", ctypes.c_ulonglong), ("used", ctypes.c_ulonglong)]
 
+        v2 = getattr(self.lib, "nvmlDeviceGetMemoryInfo_v2", None)
+        if v2 is not None:
+            m2 = MemoryV2(version=ctypes.sizeof(MemoryV2) | (2 << 24))
+            if v2(self._handle(i), ctypes.byref(m2)) == 0:
+                return m2.total - m2.reserved, m2.free
         m = Memory()
         self._check(self.lib.nvmlDeviceGetMemoryInfo(self._handle(i), ctypes.byref(m)))
         return m.total, m.free
