@@ -139,7 +139,7 @@ def make_recipe(tmp_path, tiny_model_dir):
 
 
 # ------------------------------------------------------------------ what this session ran (test_zz_every_config_ran)
-# Training processes write launch.json (the accelerate config they were launched with, the distributed type their
+# Training processes write into plan.json (the accelerate config they were launched with, the distributed type their
 # accelerator really set up) into run directories under pytest's basetemp; test_zz_every_config_ran.py, collected
 # last, reads them. These hooks tell it whether the whole suite was selected and which tests were skipped.
 

@@ -290,8 +290,8 @@ def test_two_node_job_forms_one_group_and_trains_the_one_process_adapter(runs):
 def test_two_node_deepspeed_job_forms_one_world_and_trains_the_one_process_adapter(reference, tiny_model_dir, strategy):
     """Multi-node DeepSpeed for real: `accelerate launch --deepspeed_multinode_launcher standard` on each of 2
     SLURM nodes (torchrun with the node's rank); without it accelerate runs `deepspeed --hostfile None --launcher
-    pdsh`, which starts a separate local job per node. One world of 2 under DeepSpeed (launch.json is what the
-    training processes' accelerator really set up), and the 1-process adapter."""
+    pdsh`, which starts a separate local job per node. One world of 2 under DeepSpeed (plan.json's `launch` is what the
+    training processes' accelerator really set up: plan.json's `launch`), and the 1-process adapter."""
     tmp = reference
     name = f"two-nodes-{strategy}"
     recipe = _recipe(tmp, tiny_model_dir, name)
@@ -304,7 +304,7 @@ def test_two_node_deepspeed_job_forms_one_world_and_trains_the_one_process_adapt
     assert info.get("JobState") == "COMPLETED", log[-4000:]
     ranks = dict((int(r), node) for _, node, r in re.findall(r"node (\d+) \((\S+)\): machine_rank (\d+)", log))
     assert sorted(ranks) == [0, 1] and len(set(ranks.values())) == 2, log[:2000]
-    launched = json.loads((run_dir / "launch.json").read_text())
+    launched = json.loads((run_dir / "plan.json").read_text())["launch"]
     config = {"zero2": "zero2", "zero3": "zero3", "zero3-offload": "zero3_offload"}[strategy]
     assert launched["accelerate_config"] == f"{config}_multinode.yaml"
     assert launched["distributed_type"] == "DEEPSPEED" and launched["zero_stage"] == (2 if strategy == "zero2" else 3)

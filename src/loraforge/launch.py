@@ -174,13 +174,13 @@ def run_accelerate(args: list[str]) -> None:
     """Start the processes with accelerate's launcher, in this process (as `accelerate launch` would)."""
     from accelerate.commands.launch import launch_command, launch_command_parser
 
-    if "--config_file" in args:  # accelerate hands its own environment to the processes it starts
+    if "--config_file" in args:  # accelerate hands its environment to the ranks: each records its config
         os.environ[CONFIG_ENV] = Path(args[args.index("--config_file") + 1]).name
     launch_command(launch_command_parser().parse_args(args))
 
 
 def launch_record(accelerator, hw, environ=None) -> dict:
-    """What really ran, as the training process sees it (launch.json): accelerate's distributed type (DEEPSPEED,
+    """What really ran, as the training process sees it (plan.json's `launch`): accelerate's distributed type (DEEPSPEED,
     FSDP, MULTI_CPU, ...) and ZeRO stage, the world, and the accelerate config the launcher named."""
     env = os.environ if environ is None else environ
     state = accelerator.state

@@ -157,7 +157,7 @@ def _word(a: str) -> str:
 def node_env(args: list[str], opts: SlurmOptions) -> list[str]:
     """Lines each node runs before `accelerate launch` (inside the single-quoted `bash -c`): OpenMP threads =
     the CPUs srun gave this node's task / processes on the node (at least 1; an OMP_NUM_THREADS exported by the
-    setup file wins), and the name of the accelerate config (recorded by the training processes in launch.json)."""
+    setup file wins), and the name of the accelerate config (recorded by the training processes in plan.json)."""
     per = max(1, int(opts.gpus_per_node))
     cpus = '${SLURM_CPUS_PER_TASK:-%d}' % per
     lines = [f'export OMP_NUM_THREADS="${{OMP_NUM_THREADS:-$(( {cpus} / {per} > 0 ? {cpus} / {per} : 1 ))}}"']
