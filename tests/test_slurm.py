@@ -286,17 +286,20 @@ def test_two_node_job_forms_one_group_and_trains_the_one_process_adapter(runs):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("strategy", ["zero2", "zero3", "zero3-offload"])
-def test_two_node_deepspeed_job_forms_one_world_and_trains_the_one_process_adapter(reference, tiny_model_dir, strategy):
-    """Multi-node DeepSpeed for real: `accelerate launch --deepspeed_multinode_launcher standard` on each of 2
+@pytest.mark.parametrize("strategy", ["zero2", "zero3", "zero3-offload", "fsdp"])
+def test_two_node_zero_and_fsdp_jobs_form_one_world_and_train_the_one_process_adapter(reference, tiny_model_dir, strategy):
+    """Multi-node DeepSpeed (and FSDP2) for real: `accelerate launch --deepspeed_multinode_launcher standard` on each of 2
     SLURM nodes (torchrun with the node's rank); without it accelerate runs `deepspeed --hostfile None --launcher
     pdsh`, which starts a separate local job per node. One world of 2 under DeepSpeed (plan.json's `launch` is what the
     training processes' accelerator really set up: plan.json's `launch`), and the 1-process adapter."""
     tmp = reference
     name = f"two-nodes-{strategy}"
     recipe = _recipe(tmp, tiny_model_dir, name)
+    # fsdp: accelerate's FSDP2 path on CPU processes through the test harness (tests/harness/sitecustomize.py)
+    env = {"PYTHONPATH": f"{Path(__file__).parent / 'harness'}{os.pathsep}{Path(__file__).parent}",
+           "LORAFORGE_TEST_CPU_FSDP": "1"} if strategy == "fsdp" else None
     _cli("slurm", "submit", str(recipe), "--nodes", "2", "--gpus-per-node", "1", "--cpu", "--strategy", strategy,
-         "--time", "00:10:00")
+         "--time", "00:10:00", env=env)
     run_dir = tmp / "runs" / name
     job = _job_id(run_dir)
     info = _wait_gone(job, 600)
@@ -305,10 +308,13 @@ def test_two_node_deepspeed_job_forms_one_world_and_trains_the_one_process_adapt
     ranks = dict((int(r), node) for _, node, r in re.findall(r"node (\d+) \((\S+)\): machine_rank (\d+)", log))
     assert sorted(ranks) == [0, 1] and len(set(ranks.values())) == 2, log[:2000]
     launched = json.loads((run_dir / "plan.json").read_text())["launch"]
-    config = {"zero2": "zero2", "zero3": "zero3", "zero3-offload": "zero3_offload"}[strategy]
+    config = {"zero2": "zero2", "zero3": "zero3", "zero3-offload": "zero3_offload", "fsdp": "fsdp"}[strategy]
     assert launched["accelerate_config"] == f"{config}_multinode.yaml"
-    assert launched["distributed_type"] == "DEEPSPEED" and launched["zero_stage"] == (2 if strategy == "zero2" else 3)
-    assert (launched["offload_optimizer"] == "cpu") == (strategy == "zero3-offload")
+    if strategy == "fsdp":
+        assert launched["distributed_type"] == "FSDP" and launched["zero_stage"] is None
+    else:
+        assert launched["distributed_type"] == "DEEPSPEED" and launched["zero_stage"] == (2 if strategy == "zero2" else 3)
+        assert (launched["offload_optimizer"] == "cpu") == (strategy == "zero3-offload")
     assert launched["world_size"] == 2 and launched["num_nodes"] == 2  # ONE world across both nodes
     plan = json.loads((run_dir / "plan.json").read_text())
     assert plan["world_size"] == 2 and plan["strategy"] == strategy and plan["gradient_accumulation_steps"] == 2
