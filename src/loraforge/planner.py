@@ -388,7 +388,10 @@ def setup_for(recipe, precision: Precision, hw, strategy: str, seq_len: int = 51
 def plan_with_memory(recipe, hw, precision: Precision, strategy: str, shape, longest_sample: int,
                      model_max: int | None, lengths: list[int] | None = None) -> Plan:
     """The plan from the memory model: what fits `hw`'s budget, keeping the recipe's global batch."""
+    from .arch import check_setup
+
     t = recipe.training
+    check_setup(shape, recipe.quantization.mode, recipe.lora.target_modules, recipe.lora.dropout)
     seqs = seq_candidates(recipe.data.max_seq_length, longest_sample, model_max)
     notes = []
     if recipe.data.max_seq_length == "auto":
