@@ -95,7 +95,7 @@ def rules_inventory(cfg: dict) -> dict:
     q, k = heads * hd, kv * hd
     attn_bias = fam.get("qkv_bias", False) or (mt not in ("mistral", "mixtral", "phi3") and bool(cfg.get("attention_bias")))
     if fam.get("fused"):
-        linears = [["qkv_proj", h, q + 2 * k], ["o_proj", q, h]]
+        linears = [["o_proj", q, h], ["qkv_proj", h, q + 2 * k]]  # the module order of Phi3Attention
     else:
         linears = [["q_proj", h, q], ["k_proj", h, k], ["v_proj", h, k], ["o_proj", q, h]]
     bias = 0
@@ -282,10 +282,17 @@ def _tf_version() -> str:
 
 def check_setup(shape, quant: str, targets, dropout: float) -> None:
     """Refuse, in one line, the settings this stack cannot train on this architecture (rather than plan them)."""
+    mt = shape.model_type
+    names = list(shape.linears())
+    if targets != "all-linear":
+        missing = [t for t in targets if t not in names]
+        if missing:
+            hint = " (Phi-3/4 fuse q/k/v into qkv_proj and gate/up into gate_up_proj)" if "qkv_proj" in names else ""
+            raise UserError(f"lora.target_modules: {', '.join(missing)} not in '{mt}'; its decoder layers' linear "
+                            f"layers are {', '.join(names)}{hint} (or use all-linear)")
     if not getattr(shape, "experts", 0):
         return
-    mt = shape.model_type
-    attn = [n for n in shape.linears()]
+    attn = names
     if quant != "none":
         raise UserError(
             f"quantization.mode: {quant} on the mixture-of-experts model '{mt}': bitsandbytes quantizes nn.Linear "
@@ -298,3 +305,24 @@ def check_setup(shape, quant: str, targets, dropout: float) -> None:
             f"expert's 3-D weights and the router (needs lora.dropout 0; not in the memory model); list the "
             f"linear layers instead, e.g. [{', '.join(attn)}]"
         )
+
+
+def notes(shape) -> list[str]:
+    """What the plan should say about this architecture: what is exact, what is modelled."""
+    out = []
+    if shape.source == "meta":
+        out.append(f"'{shape.model_type}': parameter inventory from the transformers class on the meta device (exact); "
+                   "activations modelled as a generic decoder layer (check with `loraforge plan --trace`)")
+    if shape.experts:
+        gib = shape.layers * shape.expert_params_per_layer * 2 / 2**30
+        out.append(f"mixture of experts: all {shape.experts} experts per layer resident ({gib:.1f} GiB in bf16), "
+                   f"activations for {shape.experts_per_token} per token; the experts are frozen (not nn.Linear)")
+    if "qkv_proj" in shape.linears() or "gate_up_proj" in shape.linears():
+        out.append("fused projections (qkv_proj, gate_up_proj): all-linear puts one adapter on each fused layer")
+    if shape.eager_only:
+        out.append(f"'{shape.model_type}' runs eager attention (transformers has no SDPA path with soft-capping): "
+                   "the (S x S) scores of every head are kept per layer")
+    if shape.sliding_layers and shape.sliding_window:
+        out.append(f"sliding-window attention on {shape.sliding_layers} of {shape.layers} layers (window "
+                   f"{shape.sliding_window}): beyond it those layers get a (S x S) mask")
+    return out

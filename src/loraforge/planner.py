@@ -389,11 +389,12 @@ def plan_with_memory(recipe, hw, precision: Precision, strategy: str, shape, lon
                      model_max: int | None, lengths: list[int] | None = None) -> Plan:
     """The plan from the memory model: what fits `hw`'s budget, keeping the recipe's global batch."""
     from .arch import check_setup
+    from .arch import notes as arch_notes
 
     t = recipe.training
     check_setup(shape, recipe.quantization.mode, recipe.lora.target_modules, recipe.lora.dropout)
     seqs = seq_candidates(recipe.data.max_seq_length, longest_sample, model_max)
-    notes = []
+    notes = arch_notes(shape)
     if recipe.data.max_seq_length == "auto":
         notes.append(f"max_seq_length auto: longest sample {longest_sample} tokens" if lengths
                      else f"max_seq_length auto: no data read, starting from the model's context ({seqs[0]})")
