@@ -291,7 +291,7 @@ def suggest(shape, setup, budget_gib: float, lengths: list[int] | None = None) -
         return e.peak_gib, e.peak <= budget_gib * GIB
 
     out = []
-    if setup.quant == "none":
+    if setup.quant == "none" and not getattr(shape, "experts", 0):  # bitsandbytes cannot quantize 3-D experts
         g, ok = gib(setup.with_(quant="4bit"))
         out.append(f"QLoRA (quantization.mode: 4bit): {g:.1f} GiB per device{'' if ok else ', still too much'}")
     sharded = setup.strategy in ("fsdp", "zero3", "zero3-offload")
