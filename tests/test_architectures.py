@@ -182,7 +182,7 @@ def _recipe(tmp_path: Path, recipe: str, cfg: str) -> Path:
 
 DONE_WHEN = [  # the "done when": a Qwen3, a Gemma, a Phi and an MoE on an rtx3060-12gb and 8x a100-80gb
     ("qwen3-4b-qlora", "qwen3-4b"),
-    ("qwen3-4b-qlora", "gemma-2-2b-it"),
+    ("gemma-2-2b-qlora", "gemma-2-2b-it"),
     ("qwen3-4b-lora", "gemma-3-1b-it"),
     ("qwen3-4b-qlora", "phi-3-mini-4k-instruct"),
     ("granite-3.0-1b-a400m-lora", "granite-3.0-1b-a400m-instruct"),
@@ -270,17 +270,25 @@ def test_tiny_model_of_every_family_resolves_targets_and_trains(family, tmp_path
         lora_config(LoraSection(target_modules=["q_proj", "nonesuch"]), model)
     assert "nonesuch" in str(e.value) and all(n in str(e.value) for n in names)
     targets = "all-linear" if not shape.moe else sorted(names)  # MoE: the attention projections (experts are 3-D)
-    data = write_jsonl(tmp_path / "train.jsonl", chat_records(16))
-    d = recipe_dict(model_dir, data, tmp_path / "run", training={"max_steps": 12, "learning_rate": 1e-2})
+    data = write_jsonl(tmp_path / "train.jsonl", chat_records(8))
+    d = recipe_dict(model_dir, data, tmp_path / "run", training={"max_steps": 8, "learning_rate": 1e-2})
     d["lora"]["target_modules"] = targets
+    if shape.eager_only:  # Gemma-2: the recipe must say eager (the default, sdpa, is refused in one line)
+        d["model"]["attn_implementation"] = "eager"
     (tmp_path / "r.yaml").write_text(yaml.safe_dump(d))
     from loraforge.recipe import load_recipe
 
     result = run(load_recipe(tmp_path / "r.yaml"), quiet=True)
-    adapted = set(json.loads((result.run_dir / "adapter_config.json").read_text())["target_modules"])
+    adapted = {n.rsplit(".", 1)[-1] for n in json.loads((result.run_dir / "adapter_config.json").read_text())["target_modules"]}
     assert adapted == names  # all-linear = the inventory's linears, exactly
     losses = [r["loss"] for r in map(json.loads, (result.run_dir / "metrics.jsonl").read_text().splitlines())
               if "loss" in r]
     assert sum(losses[-3:]) / 3 < 0.8 * losses[0], losses
     plan = json.loads((result.run_dir / "plan.json").read_text())
     assert plan["predicted_peak_gib"] is not None  # the memory model planned it
+
+
+def test_gemma2_with_sdpa_is_refused_in_one_line(tmp_path):
+    result = runner.invoke(app, ["plan", str(_recipe(tmp_path, "gemma-2-2b-qlora", "gemma-2-9b-it")), "--hardware",
+                                 "a100-80gb", "--set", "model.attn_implementation=sdpa"])
+    assert result.exit_code == 2 and "set model.attn_implementation: eager" in result.output

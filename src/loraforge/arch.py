@@ -280,9 +280,12 @@ def _tf_version() -> str:
     return importlib.metadata.version("transformers")
 
 
-def check_setup(shape, quant: str, targets, dropout: float) -> None:
+def check_setup(shape, quant: str, targets, dropout: float, attn: str = "auto") -> None:
     """Refuse, in one line, the settings this stack cannot train on this architecture (rather than plan them)."""
     mt = shape.model_type
+    if shape.eager_only and attn in ("sdpa", "flash_attention_2"):
+        raise UserError(f"model.attn_implementation: {attn} — transformers has no {attn} path for '{mt}' (attention "
+                        "soft-capping); set model.attn_implementation: eager")
     names = list(shape.linears())
     if targets != "all-linear":
         missing = [t for t in targets if t not in names]

@@ -392,7 +392,8 @@ def plan_with_memory(recipe, hw, precision: Precision, strategy: str, shape, lon
     from .arch import notes as arch_notes
 
     t = recipe.training
-    check_setup(shape, recipe.quantization.mode, recipe.lora.target_modules, recipe.lora.dropout)
+    check_setup(shape, recipe.quantization.mode, recipe.lora.target_modules, recipe.lora.dropout,
+                recipe.model.attn_implementation)
     seqs = seq_candidates(recipe.data.max_seq_length, longest_sample, model_max)
     notes = arch_notes(shape)
     if recipe.data.max_seq_length == "auto":
