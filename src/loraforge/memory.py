@@ -495,10 +495,14 @@ def _layer_backward_per_token(shape: ModelShape, s: TrainSetup, act: int, comp: 
 
 
 def model_shape(config: dict, name: str = "") -> ModelShape | None:
-    """The shape of a config the memory model knows, else None (the planner then splits the batch only)."""
+    """The shape of a config the memory model can plan, else None: the planner then splits the batch only, and the
+    reason is logged in one line (memory is not checked)."""
+    import logging
+
     from .errors import UserError
 
     try:
         return shape_from_config(config, name)
-    except UserError:
+    except UserError as e:
+        logging.getLogger("loraforge").warning("memory not planned: %s", e)
         return None
