@@ -251,6 +251,7 @@ def _tiny_model(family: str, tokenizer, out: Path):
     return out
 
 
+@pytest.mark.slow  # 25-110 s each on the shared 2-core machine
 @pytest.mark.parametrize("family", sorted(SMALL_CONFIGS))
 def test_tiny_model_of_every_family_resolves_targets_and_trains(family, tmp_path, tiny_tokenizer):
     """LoRA targets resolve to the family's real module names (a wrong one is named against them), and a short

@@ -103,14 +103,15 @@ def rules_inventory(cfg: dict) -> dict:
         bias = q + 2 * k + (0 if mt == "qwen2" else h)
     experts = top_k = expert_inter = router = 0
     if fam.get("moe"):
-        if mt == "qwen3_moe":
-            if cfg.get("mlp_only_layers") or int(cfg.get("decoder_sparse_step", 1)) != 1:
-                raise UserError(f"model config: '{mt}' with dense layers between expert layers (mlp_only_layers / "
-                                f"decoder_sparse_step) is not modelled; {BY_HAND}")
-            experts, expert_inter = int(cfg["num_experts"]), int(cfg["moe_intermediate_size"])
-        else:
-            experts, expert_inter = int(cfg["num_local_experts"]), inter
-        top_k = int(cfg["num_experts_per_tok"])
+        if cfg.get("mlp_only_layers") or int(cfg.get("decoder_sparse_step", 1)) != 1:
+            raise UserError(f"model config: '{mt}' with dense layers between expert layers (mlp_only_layers / "
+                            f"decoder_sparse_step) is not modelled; {BY_HAND}")
+        try:  # transformers 5 saves Qwen3-MoE's num_experts as num_local_experts
+            experts = int(cfg.get("num_experts") or cfg["num_local_experts"])
+            expert_inter = int(cfg["moe_intermediate_size"]) if mt == "qwen3_moe" else inter
+            top_k = int(cfg["num_experts_per_tok"])
+        except KeyError as e:
+            raise UserError(f"model config: config.json of '{mt}' has no {e.args[0]}") from None
         router = experts * h
     elif fam.get("fused"):
         linears += [["gate_up_proj", h, 2 * inter], ["down_proj", inter, h]]
