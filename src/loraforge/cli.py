@@ -556,6 +556,21 @@ def slurm_status(
     _exit(go)
 
 
+@app.command(
+    "check-gpu",
+    context_settings={"allow_extra_args": True, "ignore_unknown_options": True, "help_option_names": []},
+    add_help_option=False,
+)
+def check_gpu(ctx: typer.Context):
+    """Predicted vs measured memory, micro-batch + 1, tokens/s, MFU on this GPU (--dry-run --card NAME: plan only).
+    Options: see `loraforge check-gpu --help`."""
+    from .gpu_check import main as check_main
+
+    code = check_main(list(ctx.args))
+    if code:
+        raise typer.Exit(code)
+
+
 def main() -> None:
     app()
 

@@ -110,6 +110,12 @@ def card_hardware(card: str | None, vram_gib: float | None = None):
     from .profiles import hardware_for
 
     if card is not None or vram_gib is not None:
+        from .profiles import load_profiles
+
+        profiles = load_profiles()
+        gpus = [k for k, v in profiles.items() if v.get("kind") != "cpu"]
+        if card is not None and card not in gpus:
+            raise UserError(f"--card {card}: not a GPU profile; known: {', '.join(gpus)} (or --vram GiB)")
         hw = hardware_for(card, vram_gib=vram_gib, gpus=1)
     else:
         from .hardware import detect
