@@ -376,8 +376,12 @@ def build_model(case: Case, row: dict, head: str, device: str = "cuda", config_d
         for name, p in model.named_parameters():
             if p.requires_grad:
                 p.data = p.data.to(torch.bfloat16)
-    if gc_on:
-        model.get_base_model().gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if gc_on:  # what Trainer does for gradient_checkpointing=True (the name changed within transformers 5)
+        base = model.get_base_model()
+        if hasattr(base, "activation_checkpointing_enable"):
+            base.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.train()
     return model
 
