@@ -172,3 +172,37 @@ def test_measuring_code_trains_a_tiny_model_on_the_cpu(quant, head):
         assert float(gc._loss(model, ids, None, head)) < first
     wall, last = gc.train_steps(model, opt, 2, 1, 32, 256, 1, head, torch.float32, padded=True, device="cpu")
     assert wall > 0 and last == last  # a padded micro-batch runs too (finite loss)
+
+
+BLOCKER = """
+import importlib.abc, importlib.util, runpy, sys
+BLOCK = {"pydantic", "typer", "rich", "trl", "bitsandbytes", "datasets", "deepspeed"}
+class Block(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path, target=None):
+        if name.split(".")[0] in BLOCK:
+            raise ImportError("not in the base image: " + name)
+sys.meta_path.insert(0, Block())
+found = importlib.util.find_spec
+importlib.util.find_spec = lambda n, *a: None if n.split(".")[0] in BLOCK else found(n, *a)
+import loraforge.trainer, loraforge.quant  # what the measuring code imports
+sys.argv = ["gpu_check.py"] + sys.argv[1:]
+runpy.run_path(%r, run_name="__main__")
+"""
+
+
+def test_runs_on_the_base_image_without_pydantic_trl_bitsandbytes(tmp_path):
+    """The air-gapped image has torch, transformers, accelerate and peft only: the script from a checkout (no
+    install) plans there, with QLoRA and the fused head reported as skipped."""
+    import subprocess
+    import sys
+
+    script = Path(__file__).parents[1] / "benchmarks" / "gpu_check.py"
+    code = BLOCKER % str(script)
+    res = subprocess.run([sys.executable, "-c", code, "--dry-run", "--card", "a100-80gb", "--out", str(tmp_path)],
+                         capture_output=True, text=True, timeout=300, env={"PATH": "/usr/bin:/bin", "HOME": str(tmp_path)})
+    assert res.returncode == 0, res.stderr[-2000:]
+    rows = json.loads((tmp_path / "gpu_check.json").read_text())["rows"]
+    status = {(r["case"], r["loss_head"]): r["status"] for r in rows}
+    assert status[("qwen0.5b-lora", "plain")] == "run"
+    assert status[("qwen0.5b-lora", "fused")] == "skipped: trl missing"
+    assert status[("llama3-8b-qlora", "plain")] == "skipped: bitsandbytes missing"
