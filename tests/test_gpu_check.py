@@ -86,11 +86,11 @@ def test_more_memory_drops_checkpointing_or_plans_a_larger_micro_batch(tmp_path)
 
 
 def test_missing_packages_are_reported_as_skipped(monkeypatch, tmp_path):
-    monkeypatch.setattr(gc, "has_package", lambda name: name not in ("trl", "bitsandbytes"))
+    monkeypatch.setattr(gc, "has_package", lambda name: name not in ("datasets", "bitsandbytes"))
     rows = gc.plan_rows(gc.card_hardware("h100-80gb"))
     first = _by(rows, "qwen0.5b-lora")
     assert [r["loss_head"] for r in first] == ["plain", "fused"]  # without trl the plain head is the default
-    assert first[0]["status"] == "run" and first[1]["status"] == "skipped: trl missing"
+    assert first[0]["status"] == "run" and first[1]["status"] == "skipped: datasets missing"  # trl's fused head
     assert all(r["status"] == "skipped: bitsandbytes missing" for r in rows if r["method"] == "QLoRA")
 
 
@@ -175,16 +175,14 @@ def test_measuring_code_trains_a_tiny_model_on_the_cpu(quant, head):
 
 
 BLOCKER = """
-import importlib.abc, importlib.util, runpy, sys
+import importlib.machinery, runpy, sys
 BLOCK = {"pydantic", "typer", "rich", "trl", "bitsandbytes", "datasets", "deepspeed"}
-class Block(importlib.abc.MetaPathFinder):
-    def find_spec(self, name, path, target=None):
-        if name.split(".")[0] in BLOCK:
-            raise ImportError("not in the base image: " + name)
-sys.meta_path.insert(0, Block())
-found = importlib.util.find_spec
-importlib.util.find_spec = lambda n, *a: None if n.split(".")[0] in BLOCK else found(n, *a)
-import loraforge.trainer, loraforge.quant  # what the measuring code imports
+found = importlib.machinery.PathFinder.find_spec
+def find_spec(name, path=None, target=None):  # as if not installed: imports fail, find_spec says None
+    return None if name.split(".")[0] in BLOCK else found(name, path, target)
+importlib.machinery.PathFinder.find_spec = staticmethod(find_spec)
+import loraforge.gpu_check, loraforge.trainer, loraforge.quant  # what the measuring code imports
+assert not any(m.split(".")[0] in BLOCK for m in sys.modules), sorted(m for m in sys.modules if m.split(".")[0] in BLOCK)
 sys.argv = ["gpu_check.py"] + sys.argv[1:]
 runpy.run_path(%r, run_name="__main__")
 """

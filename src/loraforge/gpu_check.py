@@ -128,9 +128,18 @@ def card_hardware(card: str | None, vram_gib: float | None = None):
     return hw
 
 
+# trl's fused head (trl.trainer.utils.add_fused_lm_head) imports datasets at import time
+FUSED_HEAD_NEEDS = ("trl", "datasets")
+
+
+def fused_head_missing() -> str | None:
+    """The first package the fused head needs that is not installed, or None."""
+    return next((p for p in FUSED_HEAD_NEEDS if not has_package(p)), None)
+
+
 def default_head() -> str:
     """loraforge's head on a GPU is trl's fused one (planner.choose_loss_head); without trl the plain one runs."""
-    return "fused" if has_package("trl") else "plain"
+    return "plain" if fused_head_missing() else "fused"
 
 
 def plain_head_bytes(shape, tokens: int) -> int:
@@ -175,8 +184,8 @@ def run_status(case: Case, shape, hw, fits: bool, head: str, predicted_gib: floa
         return f"does not fit with the {head} head at this micro-batch ({predicted_gib:.1f} GiB predicted): not run"
     if case.quant == "4bit" and not has_package("bitsandbytes"):
         return "skipped: bitsandbytes missing"
-    if head == "fused" and not has_package("trl"):
-        return "skipped: trl missing"
+    if head == "fused" and fused_head_missing():
+        return f"skipped: {fused_head_missing()} missing"
     if case.quant == "4bit":
         # the random base is built in bf16 on the card and quantized layer by layer: it needs its 16-bit size once
         build_gib = shape.total_params * 2 / 2**30
