@@ -55,6 +55,7 @@ def test_small_card_runs_only_what_fits(tmp_path):
     assert small["status"] == "run" and small["predicted_peak_gib"] <= 11.76
     assert small["micro_batch"] * small["grad_accum"] == 16  # the global batch is kept
     assert small["predicted_plus_1_gib"] > small["predicted_peak_gib"]
+    assert small["micro_batch_limited_by"] == "memory" and small["micro_batch"] < 16
     # QLoRA 8B fits the plan, but the random 16-bit base this check builds does not fit the card
     assert all(r["status"].startswith("skipped: building the random 16-bit base") for r in _by(rows, "llama3-8b-qlora", "fused"))
 
@@ -69,6 +70,7 @@ def test_big_card_runs_every_case_and_the_head_comparison(tmp_path):
     fused, plain = _by(rows, "qwen0.5b-lora", "fused")[0], _by(rows, "qwen0.5b-lora", "plain")[0]
     assert plain["micro_batch"] == fused["micro_batch"]  # same setting, so tokens/s compare
     assert plain["predicted_peak_gib"] > fused["predicted_peak_gib"]  # the plain head holds the logits
+    assert fused["micro_batch"] == 16 and fused["micro_batch_limited_by"] == "global batch"
     long = _by(rows, "llama3-8b-lora-8k")[0]
     assert long["seq_len"] == 8192 and long["gradient_checkpointing"] is True
     assert _by(rows, "qwen7b-qlora-gc")[0]["gradient_checkpointing"] is True  # fixed by the case

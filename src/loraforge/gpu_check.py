@@ -169,7 +169,7 @@ def plan_case(case: Case, hw, head: str | None = None) -> dict:
         grad_accum=sol.batch.gradient_accumulation_steps, gradient_checkpointing=sol.gradient_checkpointing,
         loss_head=head, predicted_peak_gib=round(predicted, 2), budget_gib=round(hw.budget_gib, 2),
         predicted_plus_1_gib=round(plus1 + extra * (mb + 1) / mb / GIB, 2), precision=precision.label,
-        fits=sol.fits, notes=list(sol.notes) + (["plain head: prediction adds labelled tokens x vocab x 8 bytes"]
+        fits=sol.fits, micro_batch_limited_by="global batch" if mb == case.global_batch else "memory", notes=list(sol.notes) + (["plain head: prediction adds labelled tokens x vocab x 8 bytes"]
                                                 if extra else []),
     )
     row["status"] = run_status(case, shape, hw, sol.fits, head, predicted)
@@ -472,6 +472,8 @@ def measure_row(case: Case, row: dict, steps: int, matmul_peak: float | None, da
         torch.cuda.reset_peak_memory_stats()
         train_steps(model, optimizer, mb + 1, 1, seq, vocab, 1, head, dtype, True)
         plus1 = f"fits ({torch.cuda.max_memory_allocated() / 2**30:.1f} GiB; predicted {row['predicted_plus_1_gib']})"
+        if row["micro_batch_limited_by"] == "global batch":
+            plus1 += "; the plan's micro-batch is the whole global batch"
     except torch.cuda.OutOfMemoryError:
         optimizer.zero_grad(set_to_none=True)
         plus1 = f"OOM (predicted {row['predicted_plus_1_gib']})"
