@@ -28,7 +28,7 @@ import importlib.util
 import json
 import sys
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 
 SCHEMA = "loraforge.gpu_check/1"
@@ -169,8 +169,8 @@ def plan_case(case: Case, hw, head: str | None = None) -> dict:
         grad_accum=sol.batch.gradient_accumulation_steps, gradient_checkpointing=sol.gradient_checkpointing,
         loss_head=head, predicted_peak_gib=round(predicted, 2), budget_gib=round(hw.budget_gib, 2),
         predicted_plus_1_gib=round(plus1 + extra * (mb + 1) / mb / GIB, 2), precision=precision.label,
-        fits=sol.fits, micro_batch_limited_by="global batch" if mb == case.global_batch else "memory", notes=list(sol.notes) + (["plain head: prediction adds labelled tokens x vocab x 8 bytes"]
-                                                if extra else []),
+        fits=sol.fits, micro_batch_limited_by="global batch" if mb == case.global_batch else "memory",
+        notes=list(sol.notes) + (["plain head: prediction adds labelled tokens x vocab x 8 bytes"] if extra else []),
     )
     row["status"] = run_status(case, shape, hw, sol.fits, head, predicted)
     return row
@@ -302,7 +302,7 @@ def measure_matmul_peak(n: int = 8192, repeats: int = 10) -> float:
     dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
     a = torch.randn(n, n, device="cuda", dtype=dtype)
     b = torch.randn(n, n, device="cuda", dtype=dtype)
-    for _ in range(3):
+    for _ in range(10):  # warm-up: kernels chosen, clocks up
         a @ b
     torch.cuda.synchronize()
     best = float("inf")
@@ -337,6 +337,7 @@ def _quantize_linears(model, compute_dtype, double_quant: bool = True, device: s
                     new.bias = torch.nn.Parameter(child.bias.data, requires_grad=False)
                 new.requires_grad_(False)
                 setattr(module, child_name, new)
+                child.weight.data = torch.empty(0, dtype=w.dtype, device=w.device)  # free the 16-bit weight now
                 del child, w
     model.is_loaded_in_4bit = True
     model.config.quantization_config = {"load_in_4bit": True, "quant_method": "bitsandbytes"}
