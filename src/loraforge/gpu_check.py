@@ -457,7 +457,9 @@ def measure_row(case: Case, row: dict, steps: int, matmul_peak: float | None, da
     padded = mb > 1  # TrainSetup.padded: the memory model assumes the trainer's 4-D mask for a batch > 1
     _free()
     torch.cuda.reset_peak_memory_stats()
+    t_build = time.perf_counter()
     model = build_model(case, row, head)
+    build_s = time.perf_counter() - t_build
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=1e-4, weight_decay=0.0)
     train_steps(model, optimizer, mb, accum, seq, vocab, 1, head, dtype, padded)  # warm-up
@@ -484,7 +486,7 @@ def measure_row(case: Case, row: dict, steps: int, matmul_peak: float | None, da
         micro_plus_1=plus1, tokens_per_s=round(tokens_s, 1),
         mfu_measured_peak=round(fpt * tokens_s / matmul_peak, 4) if matmul_peak else None,
         mfu_datasheet=round(fpt * tokens_s / (datasheet * 1e12), 4) if datasheet else None,
-        final_loss=round(last_loss, 3), status=f"measured over {steps} steps ({wall:.1f} s)",
+        final_loss=round(last_loss, 3), build_s=round(build_s, 1), status=f"measured over {steps} steps ({wall:.1f} s)",
     )
     del model, optimizer, trainable
     _free()
