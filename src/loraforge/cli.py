@@ -262,14 +262,25 @@ def launch(
             return
         import subprocess
 
+        from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+
         try:
             run_accelerate(args)
-        except subprocess.CalledProcessError as e:
-            failed = UserError(f"a training process exited with code {e.returncode}; its message is above")
-            failed.exit_code = e.returncode if e.returncode > 0 else 1
+        except (subprocess.CalledProcessError, ChildFailedError) as e:
+            # DDP/ZeRO/FSDP ranks run under torchrun in this process: a failed rank arrives as ChildFailedError
+            code = e.returncode if isinstance(e, subprocess.CalledProcessError) else _child_exit_code(e)
+            failed = UserError(f"a training process exited with code {code}; its message is above")
+            failed.exit_code = code if code > 0 else 1
             raise failed from None
 
     _exit(go)
+
+
+def _child_exit_code(error) -> int:
+    """The exit code of the first failed rank in torchrun's ChildFailedError (2 for a user error)."""
+    failures = getattr(error, "failures", {}) or {}
+    codes = [f.exitcode for f in failures.values() if getattr(f, "exitcode", None)]
+    return codes[0] if codes else 1
 
 
 def _recipe_path(recipe: str) -> Path:
