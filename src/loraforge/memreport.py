@@ -99,7 +99,7 @@ class DeviceMemoryReport(TrainerCallback):
     # -- writing -----------------------------------------------------------------------------------
     def record(self, key: str, value, collective: bool = True) -> None:
         self.data[key] = value
-        if self.rank == 0 and self.run_dir.is_dir():
+        if self.rank == 0 and (self.run_dir / "recipe.yaml").is_file():  # the run directory is written (the lock makes the dir earlier)
             path = self.run_dir / MEMORY_FILE
             tmp = path.with_suffix(".json.tmp")
             tmp.write_text(json.dumps(self.data, indent=2) + "\n")
