@@ -258,6 +258,7 @@ def test_the_cuda_peak_is_reset_after_the_preflight(monkeypatch, tmp_path):
     monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda *a: 7 * 2**30)
     monkeypatch.setattr(torch.cuda, "reset_peak_memory_stats", lambda *a: calls.append("reset"))
     report = memreport.DeviceMemoryReport(SimpleNamespace(memory=None), tmp_path, 0)
+    report.ready = True
     memreport.reset_after_preflight(report)
     assert calls == ["reset"]
     assert json.loads((tmp_path / "memory.json").read_text())["before_training"]["max_allocated_gib"] == 7.0

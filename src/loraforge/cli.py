@@ -37,6 +37,9 @@ def quiet_libraries() -> None:
 
     install_log_filter()
     silence_noise()
+    from .quant import silence_cpu_kernel_notice
+
+    silence_cpu_kernel_notice()  # before anything imports bitsandbytes (peft does); see quant.py
     for name in ("transformers", "datasets", "peft", "trl", "accelerate", "httpx", "urllib3", "DeepSpeed"):
         logging.getLogger(name).setLevel(logging.ERROR)
     cold = "transformers" not in sys.modules

@@ -454,7 +454,6 @@ def training_rows(ds, max_len: int, packing: bool = False, seed: int = 0):
         return {"input_ids": ids_out, "labels": labels_out}
 
     if ds.cache_files:  # memory-mapped: stream through it
-        import tempfile
         import uuid
 
         out = ds.map(rows, batched=True, batch_size=100, remove_columns=ds.column_names, load_from_cache_file=False,

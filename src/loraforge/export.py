@@ -64,9 +64,10 @@ def merged_model(path: str | Path):
     """The model with the adapter folded in (float32, CPU), and its tokenizer. A merged directory loads as is."""
     import torch
 
-    from .infer import is_run_dir, load_for_inference
+    from .infer import is_run_dir, load_for_inference, note_full_precision_reload
 
-    model, tokenizer = load_for_inference(path, device="cpu")
+    note_full_precision_reload(Path(path))
+    model, tokenizer = load_for_inference(path, device="cpu", full_precision=True)
     if is_run_dir(Path(path)):
         model = model.merge_and_unload()
     model.to(torch.float32).eval()

@@ -95,11 +95,15 @@ class DeviceMemoryReport(TrainerCallback):
         self.rank = rank
         self.data: dict = {}
         self.max_measured: float | None = None
+        self.ready = False  # set once the run directory is written: nothing lands in it before (a user error)
 
     # -- writing -----------------------------------------------------------------------------------
     def record(self, key: str, value, collective: bool = True) -> None:
         self.data[key] = value
-        if self.rank == 0 and (self.run_dir / "recipe.yaml").is_file():  # the run directory is written (the lock makes the dir earlier)
+        self.flush()
+
+    def flush(self) -> None:
+        if self.rank == 0 and self.ready and self.run_dir.is_dir():
             path = self.run_dir / MEMORY_FILE
             tmp = path.with_suffix(".json.tmp")
             tmp.write_text(json.dumps(self.data, indent=2) + "\n")

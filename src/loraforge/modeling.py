@@ -124,28 +124,10 @@ CHATML = (
 
 
 def bnb_config(q: QuantizationSection, compute_dtype: str, quant_storage: str | None = None):
-    if q.mode == "none":
-        return None
-    import torch
+    """The BitsAndBytesConfig of the recipe (quant.py): refused only where bitsandbytes has no backend here."""
+    from .quant import bnb_config as _bnb_config
 
-    if not torch.cuda.is_available():
-        raise UserError(
-            f"quantization.mode: {q.mode} needs bitsandbytes on an NVIDIA GPU, and none is available here; "
-            "set quantization.mode: none (plain LoRA) or run on a GPU"
-        )
-    from transformers import BitsAndBytesConfig
-
-    if q.mode == "8bit":
-        return BitsAndBytesConfig(load_in_8bit=True)
-    dtype = compute_dtype if q.compute_dtype == "auto" else q.compute_dtype
-    return BitsAndBytesConfig(
-        load_in_4bit=True,
-        bnb_4bit_quant_type=q.quant_type,
-        bnb_4bit_use_double_quant=q.double_quant,
-        bnb_4bit_compute_dtype=getattr(torch, dtype),
-        # FSDP shards flat tensors of one dtype: store the 4-bit weights in the compute dtype (FSDP+QLoRA).
-        bnb_4bit_quant_storage=getattr(torch, quant_storage) if quant_storage else torch.uint8,
-    )
+    return _bnb_config(q, compute_dtype, quant_storage)
 
 
 def base_placement(kind: str, strategy: str, local_rank: int, compute_dtype: str, quant: str = "none") -> dict:
@@ -216,7 +198,11 @@ def lora_config(lora: LoraSection, model):
                 f"lora.target_modules: {', '.join(missing)} not in this model; its linear layers are "
                 f"{', '.join(sorted(available))} (or use all-linear)"
             )
+    from .quant import check_lora_init, is_quantized
+
+    check_lora_init(lora.init, is_quantized(model))
     return LoraConfig(
+        init_lora_weights=True if lora.init == "default" else lora.init,
         r=lora.r,
         lora_alpha=lora.alpha,
         lora_dropout=lora.dropout,

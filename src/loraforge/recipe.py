@@ -50,6 +50,10 @@ class LoraSection(_Strict):
     use_dora: bool = False
     use_rslora: bool = False
     modules_to_save: list[str] | None = None
+    init: Literal["default", "gaussian", "olora", "pissa", "loftq"] = Field(
+        "default", description="LoRA initialisation: default (A random, B zero), gaussian, olora (QR of the base "
+        "weight; also over a 4-bit/8-bit base), pissa (SVD of the base weight; full-precision base only), "
+        "loftq (not offered: see quant.check_lora_init).")
 
     @field_validator("target_modules")
     @classmethod

@@ -393,6 +393,8 @@ def _run(recipe: Recipe, overwrite: bool = False, quiet: bool = False) -> RunRes
         from .tracking import configure
 
         configure(recipe, run_dir)  # trackers' environment; they run on the main process only
+    memory_report.ready = True
+    memory_report.flush()
 
     from .callbacks import MetricsFile, NonFiniteGuard
     from .tracking import TrackedConfig
