@@ -4,11 +4,9 @@ Plus property-based tests over the recipe schema and the data loaders, and the s
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import pytest
-import torch
 import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -68,8 +66,6 @@ CORPUS = {
     "sequence beyond context": (dict(sets=["data.max_seq_length=100000"]), r"beyond the model's context of 256 tokens"),
     "missing model": (dict(sets=["model.name_or_path=./no/such/model"]), r"model.name_or_path: './no/such/model' does not exist"),
 }
-if not torch.cuda.is_available():
-    CORPUS["qlora without a gpu"] = (dict(sets=["quantization.mode=4bit"]), r"quantization.mode: 4bit needs bitsandbytes")
 
 
 @pytest.mark.parametrize("name", list(CORPUS))

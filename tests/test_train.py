@@ -106,14 +106,6 @@ def test_seq_length_beyond_model_context(make_recipe):
         run(recipe, quiet=True)
 
 
-def test_qlora_without_gpu_is_refused(make_recipe):
-    if torch.cuda.is_available():
-        pytest.skip("a GPU is present")
-    recipe = load_recipe(make_recipe(), ["quantization.mode=4bit"])
-    with pytest.raises(UserError, match="quantization.mode: 4bit needs bitsandbytes on an NVIDIA GPU"):
-        run(recipe, quiet=True)
-
-
 def test_packed_sequences_do_not_attend_across_boundaries(tiny_model_dir):
     """trl's bfd packing concatenates samples with restarting position_ids; in training (no cache) the
     attention kernels loraforge uses must keep each sample to itself, or packing would be wrong."""

@@ -30,15 +30,29 @@ SET_HELP = "Override a recipe field, e.g. --set training.learning_rate=1e-4 (rep
 def quiet_libraries() -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+    os.environ.setdefault("MPLBACKEND", "Agg")  # plots are files; no GUI backend probing
     logging.basicConfig(level=logging.INFO, format="[loraforge] %(message)s")
     from .secrets import install_log_filter
+    from .status import silence_noise, stage, timed_import
 
     install_log_filter()
+    silence_noise()
+    from .quant import silence_cpu_kernel_notice
+
+    silence_cpu_kernel_notice()  # before anything imports bitsandbytes (peft does); see quant.py
     for name in ("transformers", "datasets", "peft", "trl", "accelerate", "httpx", "urllib3", "DeepSpeed"):
         logging.getLogger(name).setLevel(logging.ERROR)
+    cold = "transformers" not in sys.modules
+    if cold:
+        stage("loading libraries (torch, transformers, datasets: the first start on a machine takes longest)")
     try:
-        import transformers
-        import datasets
+        timed_import("torch")
+        transformers = timed_import("transformers")
+        datasets = timed_import("datasets")
+        if cold:
+            from .status import IMPORTS
+
+            stage("libraries loaded (" + ", ".join(f"{k} {v:.1f} s" for k, v in IMPORTS.items()) + ")")
 
         transformers.logging.set_verbosity_error()
         transformers.logging.disable_progress_bar()
@@ -97,6 +111,8 @@ def _print_result(result) -> None:
     if result.mfu is not None:
         table.add_row("MFU", f"{100 * result.mfu:.1f}% ({result.flops_per_token / 1e9:.2f} GFLOP per token; "
                              f"peak {result.peak_flops / 1e12:.2f} TFLOP/s, {result.peak_source})")
+    elif result.peak_source and "uncertain" in result.peak_source:
+        table.add_row("MFU", f"not reported: peak {result.peak_flops / 1e12:.2f} TFLOP/s, {result.peak_source}")
     if getattr(result, "startup_s", None):
         from .callbacks import format_stages
 
@@ -220,14 +236,15 @@ def launch(
     quiet_libraries()
 
     def go():
-        import torch
-
+        from .hardware import detect
         from .launch import Topology, accelerate_args, plan_launch, render_command, run_accelerate
         r = _load(recipe, set_)
-        on_gpu = (hardware not in (None, "cpu") or vram is not None) or (
-            hardware is None and torch.cuda.is_available() and r.training.device != "cpu")
+        # No CUDA context in this process (it stays alive for the whole run): GPUs are counted through NVML.
+        here = None if hardware is not None or vram is not None else detect(
+            force_cpu=r.training.device == "cpu", free_memory=True)
+        on_gpu = (hardware not in (None, "cpu") or vram is not None) or (here is not None and here.kind == "cuda")
         per_node = gpus or (
-            torch.cuda.device_count() if on_gpu and hardware is None and vram is None
+            len(here.gpus) if on_gpu and here is not None
             else None if on_gpu else (2 if strategy not in ("auto", "single") else 1))
         lp = plan_launch(r, strategy, per_node, nodes, hardware, vram)
         chosen, why, hw, out = lp.strategy, lp.why, lp.hw, lp.plan
@@ -249,14 +266,25 @@ def launch(
             return
         import subprocess
 
+        from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+
         try:
             run_accelerate(args)
-        except subprocess.CalledProcessError as e:
-            failed = UserError(f"a training process exited with code {e.returncode}; its message is above")
-            failed.exit_code = e.returncode if e.returncode > 0 else 1
+        except (subprocess.CalledProcessError, ChildFailedError) as e:
+            # DDP/ZeRO/FSDP ranks run under torchrun in this process: a failed rank arrives as ChildFailedError
+            code = e.returncode if isinstance(e, subprocess.CalledProcessError) else _child_exit_code(e)
+            failed = UserError(f"a training process exited with code {code}; its message is above")
+            failed.exit_code = code if code > 0 else 1
             raise failed from None
 
     _exit(go)
+
+
+def _child_exit_code(error) -> int:
+    """The exit code of the first failed rank in torchrun's ChildFailedError (2 for a user error)."""
+    failures = getattr(error, "failures", {}) or {}
+    codes = [f.exitcode for f in failures.values() if getattr(f, "exitcode", None)]
+    return codes[0] if codes else 1
 
 
 def _recipe_path(recipe: str) -> Path:

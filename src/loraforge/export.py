@@ -64,9 +64,10 @@ def merged_model(path: str | Path):
     """The model with the adapter folded in (float32, CPU), and its tokenizer. A merged directory loads as is."""
     import torch
 
-    from .infer import is_run_dir, load_for_inference
+    from .infer import is_run_dir, load_for_inference, note_full_precision_reload
 
-    model, tokenizer = load_for_inference(path, device="cpu")
+    note_full_precision_reload(Path(path))
+    model, tokenizer = load_for_inference(path, device="cpu", full_precision=True)
     if is_run_dir(Path(path)):
         model = model.merge_and_unload()
     model.to(torch.float32).eval()
@@ -189,6 +190,9 @@ def export_gguf(path: str | Path, out: str | Path, gguf_type: str = "f16", overw
     if out.exists() and not overwrite:
         raise UserError(f"--out {out}: exists; choose a new file name (or --overwrite)")
 
+    from .checkpoints import verify_dir
+
+    verify_dir(path)  # a truncated adapter or model file: one line before any work
     config, tok_dir, recipe = _source_config_and_tokenizer_dir(path)
     model_type = getattr(config, "model_type", None)
     if model_type not in SUPPORTED_ARCHITECTURES:

@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 
 from .errors import UserError
+
+log = logging.getLogger("loraforge")
 
 
 def is_run_dir(path: Path) -> bool:
@@ -25,28 +28,45 @@ def _load_run_recipe(run_dir: Path):
     return recipe
 
 
-def load_for_inference(path: str | Path, device: str | None = None):
-    """(model, tokenizer) from a run directory (base + adapter) or a merged model directory."""
+def load_for_inference(path: str | Path, device: str | None = None, full_precision: bool = False):
+    """(model, tokenizer) from a run directory (base + adapter) or a merged model directory.
+
+    The base of a QLoRA / 8-bit run loads as the run trained it (same bitsandbytes config), so a run that
+    trained on a card can be evaluated and chatted with on that card; `full_precision` reloads it unquantized
+    instead (merge and export: the adapter is folded into the original weights, never into dequantized ones)."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     path = Path(path)
     if not path.is_dir():
         raise UserError(f"{path}: not a directory; give a run directory or a merged model directory")
+    from .checkpoints import verify_dir
+
+    verify_dir(path)  # a truncated or altered adapter/model file: one line, not a SafetensorError
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     dtype = torch.bfloat16 if device == "cuda" and torch.cuda.is_bf16_supported() else torch.float32
+    quantized = False
     if is_run_dir(path):
         from peft import PeftModel
 
         from .modeling import base_model_dir
 
         recipe = _load_run_recipe(path)
+        kwargs = {}
+        if recipe.quantization.mode != "none" and not full_precision:
+            from .quant import bnb_config, describe
+
+            kwargs = {"quantization_config": bnb_config(recipe.quantization, str(dtype).removeprefix("torch.")),
+                      "device_map": {"": device}}
+            quantized = True
+            log.info("loading the base in %s as the run trained it", describe(recipe.quantization))
         base = AutoModelForCausalLM.from_pretrained(
             base_model_dir(recipe),
             dtype=dtype,
             trust_remote_code=recipe.model.trust_remote_code,
             revision=recipe.model.revision,
             use_safetensors=True,
+            **kwargs,
         )
         model = PeftModel.from_pretrained(base, str(path))
         tokenizer = AutoTokenizer.from_pretrained(str(path))
@@ -55,7 +75,9 @@ def load_for_inference(path: str | Path, device: str | None = None):
         tokenizer = AutoTokenizer.from_pretrained(str(path))
     else:
         raise UserError(f"{path}: neither a run directory (adapter_config.json) nor a model (config.json)")
-    model.to(device).eval()
+    if not quantized:  # a quantized model is placed by its device_map (bitsandbytes refuses .to for 8-bit)
+        model.to(device)
+    model.eval()
     return model, tokenizer
 
 
@@ -89,10 +111,28 @@ def merge(run_dir: str | Path, out: str | Path) -> Path:
         raise UserError(f"{out}: exists and is not empty; choose a new --out directory")
     import torch
 
-    model, tokenizer = load_for_inference(run_dir, device="cpu")
+    note_full_precision_reload(run_dir)
+    model, tokenizer = load_for_inference(run_dir, device="cpu", full_precision=True)
     merged = model.merge_and_unload()
     merged.to(torch.float32)
     out.mkdir(parents=True, exist_ok=True)
     merged.save_pretrained(out)
     tokenizer.save_pretrained(out)
     return out
+
+
+def note_full_precision_reload(run_dir: Path) -> None:
+    """Merging a QLoRA / 8-bit run reloads its base unquantized: say so, and how much memory that takes."""
+    if not is_run_dir(Path(run_dir)):
+        return
+    recipe = _load_run_recipe(Path(run_dir))
+    if recipe.quantization.mode == "none":
+        return
+    from .modeling import base_model_dir
+    from .quant import describe, full_precision_bytes
+
+    need = full_precision_bytes(base_model_dir(recipe))
+    size = f"about {need / 2**30:.1f} GiB of RAM" if need else "4 bytes per parameter of RAM"
+    log.info("the run trained on a %s base; merging reloads the base in full precision (float32, CPU: %s), "
+             "and folds the adapter into the original weights, not into dequantized ones",
+             describe(recipe.quantization), size)

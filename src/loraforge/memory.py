@@ -370,16 +370,22 @@ def estimate(shape: ModelShape, s: TrainSetup) -> MemoryEstimate:
         weights, qconst = shape.total_params * model_bytes, 0
     elif quant == "4bit":
         weights = linear_params // 2 + rest * 4  # 4-bit packed; the rest upcast to fp32 by peft
-        blocks = linear_params // 64
-        qconst = blocks * 1 + (blocks // 256 + 1) * 4 if s.double_quant else blocks * 4
-        qconst += L * 7 * 2 * 1024  # per-layer code tables
+        # bitsandbytes, per linear weight: its 16-entry fp32 NF4/FP4 code and an absmax per 64 weights (fp32;
+        # with double quantization uint8, plus an fp32 absmax per 256 blocks, a 256-entry fp32 code and an
+        # offset). Checked against the bytes of loaded models (tests/test_qlora.py, quant.loaded_bytes).
+        per_weight = [-(-i * o // 64) for i, o in shape.linears().values()]
+        blocks = L * sum(per_weight)
+        if s.double_quant:
+            qconst = blocks + L * sum(-(-n // 256) * 4 + 1024 + 4 + 64 for n in per_weight)
+        else:
+            qconst = blocks * 4 + L * len(per_weight) * 64
     else:  # 8bit (LLM.int8)
         weights = linear_params + rest * 4
         qconst = L * sum(o for _, o in shape.linears().values()) * 4  # per-row scales
     # ---- LoRA, gradients, optimizer ------------------------------------------------------------
     n_lora = shape.lora_params(s.lora_r, s.lora_targets)
-    # peft keeps adapters in fp32 over a bf16 base; trl casts QLoRA adapters to bf16
-    lora_bytes = 2 if quant != "none" else 4
+    # peft keeps adapters in fp32 over a bf16 base; QLoRA adapters are bf16 in a bf16 run, else fp32 (quant.adapter_dtype)
+    lora_bytes = 2 if quant != "none" and s.precision == "bf16" else 4
     lora = n_lora * lora_bytes
     grads = n_lora * lora_bytes
     opt_state, opt_transient = _opt_state_bytes(s.optimizer, n_lora, lora_bytes)

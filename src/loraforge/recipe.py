@@ -50,6 +50,10 @@ class LoraSection(_Strict):
     use_dora: bool = False
     use_rslora: bool = False
     modules_to_save: list[str] | None = None
+    init: Literal["default", "gaussian", "olora", "pissa", "loftq"] = Field(
+        "default", description="LoRA initialisation: default (A random, B zero), gaussian, olora (QR of the base "
+        "weight; also over a 4-bit/8-bit base), pissa (SVD of the base weight; full-precision base only), "
+        "loftq (not offered: see quant.check_lora_init).")
 
     @field_validator("target_modules")
     @classmethod
@@ -307,6 +311,9 @@ def recipe_from_dict(
 
 def load_recipe(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> Recipe:
     path = Path(path)
+    if path.is_dir():
+        hint = next((f" such as {p}" for p in sorted(path.glob("*.yaml"))[:1]), "")
+        raise UserError(f"{path}: is a directory; give the recipe file inside it{hint}")
     if not path.is_file():
         raise UserError(f"{path}: recipe file not found; shipped recipes are listed by `loraforge recipes`")
     try:

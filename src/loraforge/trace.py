@@ -330,7 +330,9 @@ def trace_step(shape: ModelShape, setup: TrainSetup, steps: int = 2) -> TraceRes
     # What SFTTrainer does to the PeftModel it is given (trl 1.16, sft_trainer.py)
     if setup.gradient_checkpointing:
         model.enable_input_require_grads()
-    if setup.quant != "none":  # QLoRA adapters in bf16, as the QLoRA paper recommends
+    from .quant import adapter_dtype
+
+    if adapter_dtype(setup.quant, setup.precision) == "bfloat16":  # trl's cast, kept where the run trains in bf16
         for name, p in model.named_parameters():
             if p.requires_grad and "lora_magnitude_vector" not in name:
                 p.data = p.data.to(torch.bfloat16)

@@ -26,7 +26,7 @@ import shutil
 import time
 from pathlib import Path
 
-from .checkpoints import STAGING, MARKER, checkpoint_estimate, ensure_free_space, latest_complete, rotate
+from .checkpoints import STAGING, checkpoint_estimate, ensure_free_space, latest_complete, rotate, write_marker
 from .errors import UserError
 
 
@@ -83,6 +83,12 @@ def add_plain_lm_head(model) -> None:
     model.forward = types.MethodType(forward, model)
 
 
+def _quantized(model) -> bool:
+    from .quant import is_quantized
+
+    return is_quantized(model)
+
+
 def make_trainer_class():
     """Build the subclass lazily: importing trl is slow and not needed for plan/recipe work."""
     from trl import SFTTrainer
@@ -96,7 +102,23 @@ def make_trainer_class():
         _lf_pending = None
 
         def __init__(self, *args, loss_head: str = "fused", rows_per_forward: int | None = None, **kwargs):
-            super().__init__(*args, **kwargs)
+            from .quant import adapter_dtype, keep_adapter_dtype, optimizer_fallback, training_ready
+
+            model, targs = kwargs.get("model"), kwargs.get("args")
+            if targs is not None:
+                optim, note = optimizer_fallback(str(getattr(targs.optim, "value", targs.optim)),
+                                                 "cpu" if targs.use_cpu or not torch.cuda.is_available() else "cuda")
+                if note:
+                    import logging
+
+                    logging.getLogger("loraforge").warning(note)
+                    targs.optim = optim
+            if model is not None:
+                training_ready(model)
+            label = "bf16" if getattr(targs, "bf16", False) else "fp16" if getattr(targs, "fp16", False) else "fp32"
+            self.lf_adapter_dtype = adapter_dtype("4bit" if model is not None and _quantized(model) else "none", label)
+            with keep_adapter_dtype(model, self.lf_adapter_dtype) if model is not None else contextlib.nullcontext():
+                super().__init__(*args, **kwargs)  # trl casts a quantized model's adapters to bf16: kept where fp32
             base = self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
             self.lf_plain_head = loss_head == "plain" and plain_head_supported(base.config)
             if self.lf_plain_head:
@@ -104,6 +126,37 @@ def make_trainer_class():
             # DeepSpeed counts its own micro-steps per backward: never split a micro-batch under it
             self.lf_rows_per_forward = None if self.is_deepspeed_enabled else rows_per_forward
             self.loss_is_scaled_for_ga = True  # compute_loss divides by the step's loss-token count
+
+        def _lf_mutating_init(self):
+            from .quant import MUTATING_INITS
+
+            config = getattr(self.model, "peft_config", {}).get("default")
+            return config is not None and config.init_lora_weights in MUTATING_INITS
+
+        def save_model(self, output_dir=None, _internal_call=False):
+            """The final adapter of an OLoRA/PiSSA run (which trained over W - B0A0) is written converted to a
+            plain LoRA over the original base, so that eval, chat and merge load it like any other run."""
+            if _internal_call or not self._lf_mutating_init() or self._lf_initial is None:
+                return super().save_model(output_dir, _internal_call=_internal_call)
+            if self.args.should_save:
+                self.model.save_pretrained(output_dir, path_initial_model_for_weight_conversion=self._lf_initial)
+            self.accelerator.wait_for_everyone()
+
+        _lf_initial = None
+
+        def train(self, *args, **kwargs):
+            if self._lf_mutating_init() and self.args.should_save and self._lf_initial is None:
+                import tempfile
+
+                # the adapter as initialised (the same on a resume: the init is a deterministic QR/SVD of the base)
+                self._lf_initial = tempfile.mkdtemp(prefix="loraforge-init-")
+                config = self.model.peft_config["default"]
+                init, config.init_lora_weights = config.init_lora_weights, True
+                try:
+                    self.model.save_pretrained(self._lf_initial)
+                finally:
+                    config.init_lora_weights = init
+            return super().train(*args, **kwargs)
 
         def training_step(self, model, inputs, num_items_in_batch=None):
             if self._lf_last is None:
@@ -197,7 +250,7 @@ def make_trainer_class():
             self.accelerator.wait_for_everyone()
             if self.args.should_save:
                 written = staging / f"checkpoint-{step}"
-                (written / MARKER).write_text(f"{step}\n")
+                write_marker(written, step)  # sizes + checksums of every file, then complete
                 if final.exists():  # an incomplete leftover of an earlier crash at this very step
                     shutil.rmtree(final)
                 os.replace(written, final)
