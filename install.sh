@@ -5,10 +5,19 @@
 # With no NVIDIA driver, torch is pinned to the CPU build first, so pip never pulls GBs of CUDA wheels
 # (elsewhere than this project's machines, set TORCH_INDEX_URL to PyTorch's CPU wheel index).
 # With a driver, torch resolves normally (a CUDA build).
+# Versions: the exact tested ones from constraints.txt; LORAFORGE_UNPINNED=1 takes the newest that
+# pyproject.toml allows (untested combinations: the next release of a library may break them).
 set -euo pipefail
 cd "$(dirname "$0")"
 PY=${PYTHON:-python3}
-pip_install() { "$PY" -m pip install --disable-pip-version-check -q "$@"; }
+pins=()
+if [ "${LORAFORGE_UNPINNED:-0}" = "1" ]; then
+  echo "[install] LORAFORGE_UNPINNED=1: newest allowed versions, not the tested ones in constraints.txt"
+else
+  pins=(-c constraints.txt)
+  echo "[install] tested versions from constraints.txt (LORAFORGE_UNPINNED=1 for the newest)"
+fi
+pip_install() { "$PY" -m pip install --disable-pip-version-check -q ${pins[@]+"${pins[@]}"} "$@"; }
 
 if ! "$PY" -c "import torch" >/dev/null 2>&1; then
   if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi >/dev/null 2>&1; then

@@ -4,11 +4,9 @@ Plus property-based tests over the recipe schema and the data loaders, and the s
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import pytest
-import torch
 import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st

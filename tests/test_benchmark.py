@@ -23,7 +23,9 @@ def test_benchmark_smoke_run_compares_the_same_work(tmp_path):
     rows = json.loads((tmp_path / "results.json").read_text())["rows"]
     assert [r["variant"] for r in rows] == ["a", "b", "c", "f"]
     assert len({r["real_tokens"] for r in rows}) == 1  # the same samples, counted the same way
-    assert all(r["tokens_per_s"] > 0 and 0 < r["mfu"] < 1 and r["eval_loss"] > 0 for r in rows)
+    assert all(r["tokens_per_s"] > 0 and r["eval_loss"] > 0 for r in rows)
+    # never an impossible MFU, however busy the machine was when the peak was measured
+    assert all(0 < r["mfu"] <= 1 if r["mfu"] is not None else r["peak_uncertain"] for r in rows)
     last = proc.stdout.strip().splitlines()[-4:]
     assert last[0].startswith("tiny: (b) trl defaults / (a) textbook:") and "x real tokens/s" in last[0]
     assert last[1].startswith("tiny: (c) w/ fused head / (a) textbook:")

@@ -133,15 +133,6 @@ def test_dry_run_for_2_nodes_of_8_gpus(strategy):
     assert parsed.num_processes == 16 and parsed.machine_rank == 1
 
 
-def test_quantized_base_placement_per_strategy():
-    from loraforge.modeling import base_placement
-
-    assert base_placement("cuda", "ddp", 3, "bfloat16") == {"device_map": {"": 3}, "quant_storage": None}
-    assert base_placement("cuda", "fsdp", 3, "bfloat16") == {"device_map": None, "quant_storage": "bfloat16"}
-    assert base_placement("cuda", "zero3", 3, "bfloat16")["device_map"] is None
-    assert base_placement("cpu", "ddp", 1, "float32")["device_map"] is None
-
-
 def test_multinode_without_main_ip_is_refused():
     with pytest.raises(UserError, match="needs --main-ip"):
         accelerate_args("ddp", Topology(8, nodes=2), 1, "r.yaml")
@@ -176,8 +167,11 @@ def _topology_recipe(tmp: Path, model_dir: Path, name: str) -> Path:
     return path
 
 
-def _loraforge(*args, timeout=900) -> subprocess.CompletedProcess:
-    env = os.environ | {"PYTHONPATH": str(Path(__file__).parent)}
+HARNESS = Path(__file__).parent / "harness"  # sitecustomize.py: test-only switches (real FSDP2 on CPU, NaN)
+
+
+def _loraforge(*args, timeout=900, env=None) -> subprocess.CompletedProcess:
+    env = os.environ | {"PYTHONPATH": f"{HARNESS}{os.pathsep}{Path(__file__).parent}"} | (env or {})
     proc = subprocess.run([sys.executable, "-m", "loraforge", *args], capture_output=True, text=True,
                           timeout=timeout, env=env)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
@@ -200,15 +194,36 @@ def one_process(tmp_path_factory, tiny_model_dir):
     return tmp
 
 
+# What accelerate must really run for each strategy: a plan that says "zero3" over a DDP run proves nothing.
+RUNS_AS = {"ddp": "MULTI_CPU", "zero2": "DEEPSPEED", "zero3": "DEEPSPEED", "fsdp": "FSDP"}
+CPU_FSDP = {"LORAFORGE_TEST_CPU_FSDP": "1"}  # tests/harness/sitecustomize.py: accelerate's FSDP2 path on CPU
+
+
+def _rank_bytes(run_dir: Path, when: str) -> list[int]:
+    rows = json.loads((run_dir / "memory.json").read_text())[when]["per_rank"]
+    return [r["frozen_param_bytes"] for r in rows]
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("strategy", ["ddp", "zero2", "zero3"])
+@pytest.mark.parametrize("strategy", ["ddp", "zero2", "zero3", "fsdp"])
 def test_two_processes_train_the_same_adapter_as_one(one_process, tiny_model_dir, strategy):
+    """2 CPU processes under each strategy, through accelerate's own code path for it (DeepSpeed engine;
+    FSDP2 `fully_shard` via the harness), give the 1-process adapter at the same global batch."""
     tmp = one_process
     recipe = _topology_recipe(tmp, tiny_model_dir, strategy)
-    _loraforge("launch", str(recipe), "--strategy", strategy, "--gpus", "2", "--set", "training.device=cpu")
+    _loraforge("launch", str(recipe), "--strategy", strategy, "--gpus", "2", "--set", "training.device=cpu",
+               env=CPU_FSDP if strategy == "fsdp" else None)
     one, two = json.loads((tmp / "one" / "plan.json").read_text()), json.loads((tmp / strategy / "plan.json").read_text())
     assert (one["world_size"], two["world_size"]) == (1, 2)  # really two processes
     assert two["strategy"] == strategy
+    assert two["distributed_type"] == RUNS_AS[strategy]  # and really that strategy
+    full = _rank_bytes(tmp / "one", "after_load")[0]
+    if strategy == "zero3":  # loaded under zero.Init: each rank holds its half of the base from the start
+        assert all(abs(b - full / 2) <= 0.05 * full for b in _rank_bytes(tmp / strategy, "after_load"))
+    if strategy == "fsdp":  # fully_shard: each rank keeps half of the base after preparation
+        assert all(abs(b - full / 2) <= 0.05 * full for b in _rank_bytes(tmp / strategy, "after_prepare"))
+    if strategy in ("ddp", "zero2"):  # replicated base
+        assert _rank_bytes(tmp / strategy, "after_prepare") == [full, full]
     assert one["global_batch_size"] == two["global_batch_size"] == 8
     assert two["gradient_accumulation_steps"] * 2 == one["gradient_accumulation_steps"]  # halves as world doubles
     records = [json.loads(line) for line in (tmp / strategy / "metrics.jsonl").read_text().splitlines()]
@@ -260,6 +275,62 @@ def test_checkpoints_resume_across_topologies(one_process, tiny_model_dir):
     assert "resuming from" in out.stderr
     assert json.loads((tmp / "one-then-two" / "plan.json").read_text())["world_size"] == 2
     assert _max_diff(reference, _adapter(tmp / "one-then-two")) <= 1e-5
+
+
+def _truncate_to_step_5(tmp: Path, src: Path, dst: Path) -> Path:
+    """A copy of a finished 10-step run as it was after its step-5 checkpoint; returns its recipe."""
+    shutil.copytree(src, dst)
+    for f in ("adapter_model.safetensors", "train_summary.json"):
+        (dst / f).unlink()
+    shutil.rmtree(dst / "checkpoints" / "checkpoint-10")
+    recipe = yaml.safe_load((dst / "recipe.yaml").read_text())
+    recipe["output_dir"] = str(dst)
+    (dst / "recipe.yaml").write_text(yaml.safe_dump(recipe, sort_keys=False))
+    path = tmp / f"{dst.name}.yaml"
+    path.write_text(yaml.safe_dump(recipe, sort_keys=False))
+    return path
+
+
+@pytest.mark.slow
+def test_a_two_process_fsdp_checkpoint_resumes_to_the_same_adapter(one_process, tiny_model_dir):
+    """accelerate#4206: FSDP2 + LoRA resume reset (N-1)/N of the adapter. Here: a 2-process FSDP2 run (real
+    `fully_shard`, sharded checkpoints) resumed from its step-5 checkpoint gives the uninterrupted adapter."""
+    tmp = one_process
+    if not (tmp / "fsdp" / "checkpoints" / "checkpoint-5").is_dir():
+        _loraforge("launch", str(_topology_recipe(tmp, tiny_model_dir, "fsdp")), "--strategy", "fsdp", "--gpus", "2",
+                   "--set", "training.device=cpu", env=CPU_FSDP)
+    assert any(p.is_dir() for p in (tmp / "fsdp" / "checkpoints" / "checkpoint-5").glob("pytorch_model_fsdp*"))  # sharded
+    recipe = _truncate_to_step_5(tmp, tmp / "fsdp", tmp / "fsdp-resumed")
+    out = _loraforge("launch", str(recipe), "--strategy", "fsdp", "--gpus", "2", "--set", "training.device=cpu",
+                     env=CPU_FSDP)
+    assert "resuming from" in out.stderr
+    assert json.loads((tmp / "fsdp-resumed" / "plan.json").read_text())["distributed_type"] == "FSDP"
+    assert _max_diff(_adapter(tmp / "fsdp"), _adapter(tmp / "fsdp-resumed")) <= 1e-5
+    assert _max_diff(_adapter(tmp / "one"), _adapter(tmp / "fsdp-resumed")) <= 1e-5
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("policy", ["stop", "skip"])
+def test_nan_under_zero2_stops_or_skips_as_under_ddp(one_process, tiny_model_dir, policy):
+    """ZeRO-2 steps inside backward and keeps gradients out of p.grad; the guard still sees a NaN step 3."""
+    tmp = one_process
+    recipe = _topology_recipe(tmp, tiny_model_dir, f"nan-{policy}")
+    env = os.environ | {"PYTHONPATH": f"{HARNESS}{os.pathsep}{Path(__file__).parent}", "LORAFORGE_TEST_NAN_AT_STEP": "3"}
+    proc = subprocess.run([sys.executable, "-m", "loraforge", "launch", str(recipe), "--strategy", "zero2", "--gpus", "2",
+                           "--set", "training.device=cpu", "--set", f"training.on_nonfinite={policy}"],
+                          capture_output=True, text=True, timeout=900, env=env)
+    run_dir = tmp / f"nan-{policy}"
+    assert json.loads((run_dir / "plan.json").read_text())["distributed_type"] == "DEEPSPEED"
+    if policy == "stop":
+        assert proc.returncode == 2, proc.stderr[-3000:]
+        assert "step 3: the loss or gradients became NaN/inf" in proc.stderr
+        assert proc.stderr.strip().splitlines()[-1] == "error: a training process exited with code 2; its message is above"
+        assert not (run_dir / "train_summary.json").exists()
+    else:
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        assert "DeepSpeed skipped the update" in proc.stderr
+        weights = _adapter(run_dir)
+        assert all(bool(w.isfinite().all()) for w in weights.values())
 
 
 @pytest.fixture(scope="module")

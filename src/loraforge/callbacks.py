@@ -27,14 +27,58 @@ class MetricsFile(TrainerCallback):
             f.write(json.dumps(record) + "\n")
 
 
-class NonFiniteGuard(TrainerCallback):
-    """Stop (or skip the update) when the gradients of a step are NaN/inf.
+def _local(t):
+    """The part of a tensor this rank holds: an FSDP2 DTensor's local shard, a ZeRO-3 partition, or itself."""
+    if hasattr(t, "to_local"):
+        return t.to_local()
+    if hasattr(t, "ds_tensor"):
+        return t.ds_tensor
+    return t
 
-    Checked just before the optimizer step, after DDP has averaged the gradients, so every rank sees
-    the same values and takes the same decision (no rank is left waiting). A skipped step leaves the
-    LoRA weights and optimizer state untouched: the gradients are dropped, so the optimizer ignores
-    them. Under fp16, the gradient scaler already skips overflowing steps; the guard then only stops
-    once more than `max_skipped` bad steps were seen in the run.
+
+def all_ranks_true(flag: bool) -> bool:
+    """True only if `flag` holds on every rank (all-reduce MIN; no-op in one process)."""
+    import torch
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()):
+        return flag
+    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
+    t = torch.tensor([1 if flag else 0], device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MIN)
+    return bool(t.item())
+
+
+def deepspeed_step_state(optimizer) -> bool | None:
+    """Under DeepSpeed: True if the engine skipped the step it already ran (its ZeRO optimizer found NaN/inf
+    gradients or an invalid global norm: `overflow`, the same on every rank), False if it applied it; None if
+    `optimizer` is not DeepSpeed's."""
+    if optimizer is None or type(optimizer).__name__ != "DeepSpeedOptimizerWrapper":
+        return None
+    return bool(optimizer.step_was_skipped)
+
+
+def _finite(tensors) -> bool:
+    import torch
+
+    tensors = [t for t in tensors if t is not None and t.numel()]
+    return bool(torch.stack([torch.isfinite(t).all() for t in tensors]).all()) if tensors else True
+
+
+class NonFiniteGuard(TrainerCallback):
+    """Stop (or skip the update) when the gradients of a step are NaN/inf — the same decision on every rank.
+
+    - single / DDP: checked just before the optimizer step, after DDP averaged the gradients (every rank sees
+      the same values). A skipped step drops the gradients, so the optimizer leaves weights and state alone.
+    - FSDP2: each rank holds only its gradient shard (DTensor): it checks its local shard, and one all-reduce
+      (MIN) makes the decision global.
+    - DeepSpeed: accelerate runs `engine.step()` inside `backward`, before this callback, and ZeRO keeps the
+      gradients out of `p.grad`. The ZeRO optimizer itself discards a step whose gradients or global norm are
+      NaN/inf (`overflow`, all-reduced); the guard reads that flag (counts a skip, or stops). If the engine
+      applied the step (no clipping: no norm was computed), the guard checks the trainable weights instead
+      and stops if they became non-finite — an applied update cannot be skipped.
+    Under fp16 the gradient scaler already skips overflowing steps; the guard then only stops once more than
+    `max_skipped` bad steps were seen in the run.
     """
 
     def __init__(self, policy: str = "stop", max_skipped: int = 10, checkpoint_root: Path | None = None):
@@ -43,31 +87,56 @@ class NonFiniteGuard(TrainerCallback):
         self.checkpoint_root = checkpoint_root
         self.skipped = 0
 
-    def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs):
-        import torch
+    def _stop(self, step: int, why: str = "the loss or gradients became NaN/inf"):
+        from .checkpoints import latest_complete
+        from .errors import UserError
 
-        grads = [p.grad for p in model.parameters() if p.requires_grad and p.grad is not None]
-        finite = bool(torch.stack([torch.isfinite(g).all() for g in grads]).all()) if grads else True
+        last = latest_complete(self.checkpoint_root) if self.checkpoint_root else None
+        kept = f"the last good checkpoint is {last}" if last else "no checkpoint was saved yet"
+        raise UserError(
+            f"step {step}: {why} (after {self.skipped} bad step(s)); stopped, "
+            f"{kept}. Lower training.learning_rate, check the data, or set training.on_nonfinite: skip"
+        )
+
+    def _must_stop(self, args) -> bool:
+        """fp16: the loss scaler's overflow skips are normal; stop only past `max_skipped`."""
+        if args.fp16:
+            return self.skipped > self.max_skipped
+        return self.policy == "stop" or self.skipped > self.max_skipped
+
+    def on_pre_optimizer_step(self, args, state, control, model=None, optimizer=None, **kwargs):
+        import logging
+
+        step = state.global_step + 1
+        params = [p for p in model.parameters() if p.requires_grad]
+        ds_skipped = deepspeed_step_state(optimizer)
+        if ds_skipped is not None:  # the engine has already stepped (or skipped)
+            if ds_skipped:
+                self.skipped += 1
+                if self._must_stop(args):
+                    self._stop(step)
+                logging.getLogger("loraforge").warning(
+                    "step %d: non-finite gradients, DeepSpeed skipped the update (%d so far)", step, self.skipped)
+                return
+            if not all_ranks_true(_finite([_local(p) for p in params])):
+                self.skipped += 1
+                self._stop(step, "the LoRA weights became NaN/inf (DeepSpeed applied the update: no gradient "
+                                 "clipping, so no global norm was checked)")
+            return
+        sharded = any(hasattr(p, "to_local") for p in params)
+        grads = [_local(p.grad) if p.grad is not None else None for p in params]
+        finite = _finite(grads)
+        if sharded:
+            finite = all_ranks_true(finite)  # FSDP2: each rank checked its shard only
         if finite:
             return
-        step = state.global_step + 1
         self.skipped += 1
-        if self.policy == "stop" or self.skipped > self.max_skipped:
-            from .checkpoints import latest_complete
-            from .errors import UserError
-
-            last = latest_complete(self.checkpoint_root) if self.checkpoint_root else None
-            kept = f"the last good checkpoint is {last}" if last else "no checkpoint was saved yet"
-            raise UserError(
-                f"step {step}: the loss or gradients became NaN/inf (after {self.skipped} bad step(s)); stopped, "
-                f"{kept}. Lower training.learning_rate, check the data, or set training.on_nonfinite: skip"
-            )
+        if self._must_stop(args):
+            self._stop(step)
         if args.fp16:
             return  # the GradScaler skips this step itself
         for p in model.parameters():
             p.grad = None
-        import logging
-
         logging.getLogger("loraforge").warning("step %d: non-finite gradients, update skipped (%d so far)", step, self.skipped)
 
 
@@ -108,19 +177,10 @@ class ProgressBar(TrainerCallback):
 
 
 def process_start_time() -> float:
-    """When this process started (epoch seconds): from /proc on Linux, else when loraforge was imported."""
-    import os
+    """When this process started (status.process_start_time)."""
+    from .status import process_start_time as started
 
-    try:
-        with open("/proc/self/stat") as f:
-            start_ticks = int(f.read().rsplit(")", 1)[1].split()[19])
-        with open("/proc/stat") as f:
-            boot = next(int(line.split()[1]) for line in f if line.startswith("btime"))
-        return boot + start_ticks / os.sysconf("SC_CLK_TCK")
-    except (OSError, ValueError, IndexError, StopIteration):
-        import loraforge
-
-        return loraforge.IMPORTED_AT
+    return started()
 
 
 class StartupTimer(TrainerCallback):

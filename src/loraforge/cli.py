@@ -30,18 +30,29 @@ SET_HELP = "Override a recipe field, e.g. --set training.learning_rate=1e-4 (rep
 def quiet_libraries() -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+    os.environ.setdefault("MPLBACKEND", "Agg")  # plots are files; no GUI backend probing
     logging.basicConfig(level=logging.INFO, format="[loraforge] %(message)s")
     from .secrets import install_log_filter
+    from .status import silence_noise, stage, timed_import
 
     install_log_filter()
+    silence_noise()
     from .quant import silence_cpu_kernel_notice
 
     silence_cpu_kernel_notice()  # before anything imports bitsandbytes (peft does); see quant.py
     for name in ("transformers", "datasets", "peft", "trl", "accelerate", "httpx", "urllib3", "DeepSpeed"):
         logging.getLogger(name).setLevel(logging.ERROR)
+    cold = "transformers" not in sys.modules
+    if cold:
+        stage("loading libraries (torch, transformers, datasets: the first start on a machine takes longest)")
     try:
-        import transformers
-        import datasets
+        timed_import("torch")
+        transformers = timed_import("transformers")
+        datasets = timed_import("datasets")
+        if cold:
+            from .status import IMPORTS
+
+            stage("libraries loaded (" + ", ".join(f"{k} {v:.1f} s" for k, v in IMPORTS.items()) + ")")
 
         transformers.logging.set_verbosity_error()
         transformers.logging.disable_progress_bar()
@@ -100,6 +111,8 @@ def _print_result(result) -> None:
     if result.mfu is not None:
         table.add_row("MFU", f"{100 * result.mfu:.1f}% ({result.flops_per_token / 1e9:.2f} GFLOP per token; "
                              f"peak {result.peak_flops / 1e12:.2f} TFLOP/s, {result.peak_source})")
+    elif result.peak_source and "uncertain" in result.peak_source:
+        table.add_row("MFU", f"not reported: peak {result.peak_flops / 1e12:.2f} TFLOP/s, {result.peak_source}")
     if getattr(result, "startup_s", None):
         from .callbacks import format_stages
 
@@ -252,14 +265,25 @@ def launch(
             return
         import subprocess
 
+        from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+
         try:
             run_accelerate(args)
-        except subprocess.CalledProcessError as e:
-            failed = UserError(f"a training process exited with code {e.returncode}; its message is above")
-            failed.exit_code = e.returncode if e.returncode > 0 else 1
+        except (subprocess.CalledProcessError, ChildFailedError) as e:
+            # DDP/ZeRO/FSDP ranks run under torchrun in this process: a failed rank arrives as ChildFailedError
+            code = e.returncode if isinstance(e, subprocess.CalledProcessError) else _child_exit_code(e)
+            failed = UserError(f"a training process exited with code {code}; its message is above")
+            failed.exit_code = code if code > 0 else 1
             raise failed from None
 
     _exit(go)
+
+
+def _child_exit_code(error) -> int:
+    """The exit code of the first failed rank in torchrun's ChildFailedError (2 for a user error)."""
+    failures = getattr(error, "failures", {}) or {}
+    codes = [f.exitcode for f in failures.values() if getattr(f, "exitcode", None)]
+    return codes[0] if codes else 1
 
 
 def _recipe_path(recipe: str) -> Path:

@@ -47,38 +47,102 @@ class Record:
 # --------------------------------------------------------------------------------------------------
 
 
-def _read_jsonl(path: Path) -> list[Record]:
-    records = []
+BOMS = ((b"\xef\xbb\xbf", "utf-8-sig"), (b"\xff\xfe\x00\x00", "utf-32"), (b"\x00\x00\xfe\xff", "utf-32"),
+        (b"\xff\xfe", "utf-16"), (b"\xfe\xff", "utf-16"))
+
+
+def sniff_encoding(path: Path) -> str:
+    """utf-8 (with or without a BOM: Windows editors write one), or UTF-16/32 when a BOM says so.
+    A file with NUL bytes and no BOM is UTF-16/32 the reader cannot place: refused with what to do."""
     with open(path, "rb") as f:
-        for lineno, raw in enumerate(f, start=1):
-            try:
-                line = raw.decode("utf-8")
-            except UnicodeDecodeError as e:
-                raise UserError(f"{path}:{lineno}: not UTF-8 (byte {e.start}); re-save the file as UTF-8") from None
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise UserError(
-                    f"{path}:{lineno}: not valid JSON ({e.msg} at column {e.colno}); fix or remove the line"
-                ) from None
-            if not isinstance(row, dict):
-                raise UserError(f"{path}:{lineno}: expected a JSON object per line, got {type(row).__name__}")
-            records.append(Record(f"{path}:{lineno}", row))
-    return records
+        head = f.read(4096)
+    for bom, encoding in BOMS:
+        if head.startswith(bom):
+            return encoding
+    if b"\x00" in head:
+        raise UserError(f"{path}:1: NUL bytes without a byte-order mark (UTF-16/32 without a BOM?); "
+                        "re-save the file as UTF-8")
+    return "utf-8"
+
+
+def iter_lines(path: Path):
+    """(line number, text) of every line, streamed (never the whole file in memory); CRLF and a BOM are
+    handled; a decoding error names the line."""
+    encoding = sniff_encoding(path)
+    if encoding.startswith("utf-8"):
+        with open(path, "rb") as f:
+            for lineno, raw in enumerate(f, start=1):
+                if lineno == 1 and raw.startswith(b"\xef\xbb\xbf"):
+                    raw = raw[3:]
+                try:
+                    yield lineno, raw.decode("utf-8")
+                except UnicodeDecodeError as e:
+                    raise UserError(f"{path}:{lineno}: not UTF-8 (byte {e.start}); re-save the file as UTF-8") from None
+        return
+    import io
+
+    with io.open(path, encoding=encoding, newline=None) as f:  # the BOM picks the byte order
+        lineno = 0
+        try:
+            for lineno, line in enumerate(f, start=1):
+                yield lineno, line
+        except UnicodeDecodeError:
+            raise UserError(f"{path}:{lineno + 1}: not valid {encoding.upper()} although the file starts with its "
+                            "byte-order mark; re-save the file as UTF-8") from None
+
+
+def _first_char(path: Path) -> str:
+    for _, line in iter_lines(path):
+        if line.strip():
+            return line.lstrip()[0]
+    return ""
+
+
+def iter_jsonl(path: Path):
+    """Records of a JSON-lines file, one at a time (bounded memory, whatever the file's size)."""
+    for lineno, line in iter_lines(path):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise UserError(
+                f"{path}:{lineno}: not valid JSON ({e.msg} at column {e.colno}); fix or remove the line"
+            ) from None
+        if not isinstance(row, dict):
+            raise UserError(f"{path}:{lineno}: expected a JSON object per line, got {type(row).__name__}")
+        yield Record(f"{path}:{lineno}", row)
+
+
+def _read_jsonl(path: Path) -> list[Record]:
+    if _first_char(path) == "[":  # a JSON array under a .jsonl name
+        return _read_json(path)
+    return list(iter_jsonl(path))
 
 
 def _read_json(path: Path) -> list[Record]:
-    try:
-        text = path.read_bytes().decode("utf-8")
-    except UnicodeDecodeError as e:
-        raise UserError(f"{path}: not UTF-8 (byte {e.start}); re-save the file as UTF-8") from None
+    """A JSON array (or an object holding one) — read whole: JSON has no record boundaries to stream on;
+    JSON lines under a .json name are streamed as such."""
+    if _first_char(path) == "{":
+        first, second = None, None
+        for _, line in iter_lines(path):
+            if line.strip():
+                if first is None:
+                    first = line
+                else:
+                    second = line
+                    break
+        try:
+            json.loads(first)
+            is_lines = True  # the first line is a whole object: JSON lines
+        except json.JSONDecodeError:
+            is_lines = False
+        if is_lines and second is not None and second.lstrip().startswith("{"):
+            return list(iter_jsonl(path))
+    text = "".join(line for _, line in iter_lines(path))
     try:
         data = json.loads(text)
     except json.JSONDecodeError as e:
-        if "\n{" in text or text.lstrip().startswith("{"):
-            return _read_jsonl(path)  # JSON lines under a .json name
         raise UserError(f"{path}:{e.lineno}: not valid JSON ({e.msg}); fix the file") from None
     if isinstance(data, dict):
         data = next((v for v in data.values() if isinstance(v, list)), [data])
@@ -119,26 +183,39 @@ def _read_hub(src: DataSource) -> list[Record]:
     return [Record(f"{src.hub}[{src.split}] row {i + 1}", dict(row)) for i, row in enumerate(ds)]
 
 
-def read_source(src: DataSource, recipe: Recipe | None = None) -> list[Record]:
+def iter_records(src: DataSource, recipe: Recipe | None = None):
+    """The source's records one at a time: JSON lines are streamed (bounded memory for any file size);
+    a JSON array, CSV, Parquet or a hub dataset is read by its library first."""
     if src.hub is not None:
-        return _read_hub(src)
+        yield from _read_hub(src)
+        return
     path = recipe.resolve_path(src.path) if recipe is not None else Path(src.path)
+    if path.is_dir():
+        raise UserError(f"data.sources[].path: {src.path} is a directory ({path}); give a data file "
+                        "(.jsonl, .json, .parquet or .csv) — one source per file")
     if not path.is_file():
         raise UserError(f"data file not found: {src.path} (looked at {path}); fix data.sources[].path")
     suffix = path.suffix.lower()
     if suffix == ".jsonl":
-        records = _read_jsonl(path)
+        records = _read_json(path) if _first_char(path) == "[" else iter_jsonl(path)
     elif suffix == ".json":
         records = _read_json(path)
     elif suffix in (".parquet", ".csv"):
         records = _read_tabular(path, suffix[1:])
     else:
         raise UserError(f"{path}: unsupported file type '{suffix}'; use .jsonl, .json, .parquet or .csv")
-    if not records:
+    n = 0
+    for rec in records:
+        if src.max_samples and n >= src.max_samples:
+            break
+        n += 1
+        yield rec
+    if not n:
         raise UserError(f"{path}: no records; the dataset is empty")
-    if src.max_samples:
-        records = records[: src.max_samples]
-    return records
+
+
+def read_source(src: DataSource, recipe: Recipe | None = None) -> list[Record]:
+    return list(iter_records(src, recipe))
 
 
 # --------------------------------------------------------------------------------------------------
@@ -233,23 +310,25 @@ def normalise(row: dict[str, Any], fmt: str, origin: str, system_prompt: str | N
     return {"messages": messages}
 
 
-def load_examples(sources: list[DataSource], recipe: Recipe) -> list[dict[str, Any]]:
-    """Read and normalise every source; the format is detected per source from its first record."""
-    examples = []
+def iter_examples(sources: list[DataSource], recipe: Recipe):
+    """Read and normalise every source, one example at a time; the format is detected per source from its
+    first record."""
     for src in sources:
-        records = read_source(src, recipe)
         fmt = src.format
-        if fmt == "auto":
-            fmt = detect_format(records[0].row)
-            if fmt is None:
-                raise UserError(
-                    f"{records[0].origin}: cannot tell the data format from keys {sorted(records[0].row)}; "
-                    "expected messages, conversations, instruction/output, prompt/completion or text "
-                    "(or set data.sources[].format)"
-                )
-        for rec in records:
-            examples.append(normalise(rec.row, fmt, rec.origin, recipe.data.system_prompt))
-    return examples
+        for rec in iter_records(src, recipe):
+            if fmt == "auto":
+                fmt = detect_format(rec.row)
+                if fmt is None:
+                    raise UserError(
+                        f"{rec.origin}: cannot tell the data format from keys {sorted(rec.row)}; "
+                        "expected messages, conversations, instruction/output, prompt/completion or text "
+                        "(or set data.sources[].format)"
+                    )
+            yield normalise(rec.row, fmt, rec.origin, recipe.data.system_prompt)
+
+
+def load_examples(sources: list[DataSource], recipe: Recipe) -> list[dict[str, Any]]:
+    return list(iter_examples(sources, recipe))
 
 
 # --------------------------------------------------------------------------------------------------
@@ -320,13 +399,17 @@ def truncation_report(lengths: list[int], max_len: int) -> tuple[int, float]:
     return len(over), (cut / total if total else 0.0)
 
 
-def split_eval(examples: list, share: float, seed: int) -> tuple[list, list]:
-    if share <= 0 or len(examples) < 2:
-        return examples, []
-    order = list(range(len(examples)))
+def eval_indices(n: int, share: float, seed: int) -> set[int]:
+    """Which of `n` examples are held out for evaluation (a seeded shuffle; the same for the same n)."""
+    if share <= 0 or n < 2:
+        return set()
+    order = list(range(n))
     random.Random(seed).shuffle(order)
-    n_eval = min(len(examples) - 1, max(1, round(len(examples) * share)))
-    held = set(order[:n_eval])
+    return set(order[: min(n - 1, max(1, round(n * share)))])
+
+
+def split_eval(examples: list, share: float, seed: int) -> tuple[list, list]:
+    held = eval_indices(len(examples), share, seed)
     return [e for i, e in enumerate(examples) if i not in held], [e for i, e in enumerate(examples) if i in held]
 
 
@@ -356,21 +439,162 @@ def training_rows(ds, max_len: int, packing: bool = False, seed: int = 0):
     """The tokenized dataset as the trainer takes it: `labels` (-100 where no loss), truncated to `max_len`
     (keeping the start), samples left without any loss token dropped; with `packing`, samples packed
     into rows of `max_len` by trl's best-fit-decreasing (`seq_lengths` keeps the boundaries).
+    A dataset on disk (large inputs) is processed in batches into another file on disk: bounded memory.
     Returns (dataset, number dropped)."""
     from datasets import Dataset
 
-    ids_col, mask_col = ds["input_ids"], ds["assistant_masks"]
-    ids_out, labels_out = [], []
-    for ids, mask in zip(ids_col, mask_col):
-        ids, mask = ids[:max_len], mask[:max_len]
-        if not any(mask):
-            continue
-        ids_out.append(ids)
-        labels_out.append([t if m else -100 for t, m in zip(ids, mask)])
-    dropped = len(ids_col) - len(ids_out)
-    out = Dataset.from_dict({"input_ids": ids_out, "labels": labels_out})
+    def rows(batch):
+        ids_out, labels_out = [], []
+        for ids, mask in zip(batch["input_ids"], batch["assistant_masks"]):
+            ids, mask = ids[:max_len], mask[:max_len]
+            if not any(mask):
+                continue
+            ids_out.append(ids)
+            labels_out.append([t if m else -100 for t, m in zip(ids, mask)])
+        return {"input_ids": ids_out, "labels": labels_out}
+
+    if ds.cache_files:  # memory-mapped: stream through it
+        import uuid
+
+        out = ds.map(rows, batched=True, batch_size=100, remove_columns=ds.column_names, load_from_cache_file=False,
+                     cache_file_name=str(Path(_scratch_dir()) / f"rows-{uuid.uuid4().hex}.arrow"),
+                     new_fingerprint=uuid.uuid4().hex, desc=None)
+    else:
+        out = Dataset.from_dict(rows({"input_ids": ds["input_ids"], "assistant_masks": ds["assistant_masks"]}))
+    dropped = len(ds) - len(out)
     if packing and len(out):
         from trl.data_utils import pack_dataset
 
         out = pack_dataset(out.shuffle(seed=seed), max_len, "bfd")
     return out, dropped
+
+
+# --------------------------------------------------------------------------------------------------
+# Streaming: any input size in bounded memory
+# --------------------------------------------------------------------------------------------------
+
+_SCRATCH: list[str] = []
+
+
+def _scratch_dir() -> str:
+    """A temporary directory for this process's derived data files, removed at exit."""
+    if not _SCRATCH:
+        import atexit
+        import shutil
+        import tempfile
+
+        _SCRATCH.append(tempfile.mkdtemp(prefix="loraforge-data-"))
+        atexit.register(shutil.rmtree, _SCRATCH[0], True)
+    return _SCRATCH[0]
+
+
+class Progress:
+    """A log line every `every_s` seconds while a long pass runs (a large input shows it is moving)."""
+
+    def __init__(self, what: str, every_s: float = 10.0):
+        import time
+
+        self.what, self.every_s, self.n, self._time = what, every_s, 0, time.time
+        self.start = self.last = self._time()
+
+    def tick(self) -> None:
+        self.n += 1
+        if self.n % 256 == 0 and self._time() - self.last >= self.every_s:
+            self.last = self._time()
+            import logging
+
+            logging.getLogger("loraforge").info("%s: %s records (%.0f s)", self.what, f"{self.n:,}", self.last - self.start)
+
+
+def _digest(examples, progress: Progress | None = None) -> tuple[int, str]:
+    import hashlib
+
+    h, n = hashlib.sha256(), 0
+    for ex in examples:
+        h.update(json.dumps(ex, sort_keys=True, ensure_ascii=False, default=str).encode())
+        h.update(b"\0")
+        n += 1
+        if progress:
+            progress.tick()
+    return n, h.hexdigest()
+
+
+TOKEN_FEATURES = {"input_ids": "int64", "assistant_masks": "int64"}
+
+
+def _writer(path: Path):
+    from datasets import Features, Sequence, Value
+    from datasets.arrow_writer import ArrowWriter
+
+    features = Features({k: Sequence(Value(v)) for k, v in TOKEN_FEATURES.items()})
+    return ArrowWriter(features=features, path=str(path), writer_batch_size=100)  # bounded: 100 records in memory
+
+
+@dataclass
+class Scan:
+    """What the first pass over the data found: record count, fingerprint, which are held out."""
+
+    count: int
+    digest: str
+    held: set
+    eval_extra: int
+    eval_digest: str
+
+
+def scan_data(recipe: Recipe) -> Scan:
+    """Read and validate every record once, streaming (a bad record stops here, naming its line)."""
+    d = recipe.data
+    n, digest = _digest(iter_examples(d.sources, recipe), Progress("reading the data"))
+    held = eval_indices(n, d.eval_split, recipe.training.seed)
+    n_extra, extra_digest = _digest(iter_examples(d.eval_sources, recipe)) if d.eval_sources else (0, "")
+    return Scan(n, digest, held, n_extra, extra_digest)
+
+
+def tokenized_data(recipe: Recipe, tokenizer, scan: Scan, write_cache: bool = True):
+    """(train dataset, eval dataset or None, train lengths) for the recipe's sources, in bounded memory:
+    after `scan_data`'s pass, a second (only on a cache miss) tokenizes the records one at a time into
+    Arrow files on disk, which the datasets are memory-mapped from. Memory: a few integers per record
+    (lengths, the held-out indices), whatever the size of the files."""
+    from datasets import Dataset
+
+    from . import tokencache
+
+    d = recipe.data
+    held, n_extra = scan.held, scan.eval_extra
+    key = tokencache.stream_key([scan.digest, scan.count, d.eval_split, recipe.training.seed, scan.eval_digest],
+                                tokenizer, d.loss_on)
+    cached = tokencache.load(key)
+    if cached is not None:
+        log_ = __import__("logging").getLogger("loraforge")
+        log_.info("tokenized data from the cache (%s)", key)
+        return cached
+    work = tokencache.work_dir(key) if write_cache else None
+    if work is None:
+        import tempfile
+
+        work = Path(tempfile.mkdtemp(prefix="tok-", dir=_scratch_dir()))
+    train_w, eval_w = _writer(work / "train.arrow"), _writer(work / "eval.arrow")
+    lengths: list[int] = []
+    progress = Progress("tokenizing")
+    for i, ex in enumerate(iter_examples(d.sources, recipe)):
+        row = tokenize_example(tokenizer, ex, None, d.loss_on)
+        if i in held:
+            eval_w.write(row)
+        else:
+            train_w.write(row)
+            lengths.append(len(row["input_ids"]))
+        progress.tick()
+    for ex in iter_examples(d.eval_sources, recipe) if d.eval_sources else ():
+        eval_w.write(tokenize_example(tokenizer, ex, None, d.loss_on))
+    n_eval = len(held) + n_extra
+    for w in (train_w, eval_w):
+        w.finalize()
+    if not n_eval:
+        (work / "eval.arrow").unlink()
+    if write_cache:
+        tokencache.save(key, work, n_eval > 0, lengths)
+        if not work.exists():  # renamed into place as the cache entry
+            work = tokencache.entry(key)
+    train = Dataset.from_file(str(work / "train.arrow"))
+    evald = Dataset.from_file(str(work / "eval.arrow")) if n_eval else None
+    return train, evald, lengths

@@ -114,6 +114,10 @@ def evaluate_run(run_dir: str | Path, data: str | Path | None = None, batch_size
     run_dir = Path(run_dir)
     if not is_run_dir(run_dir):
         raise UserError(f"{run_dir}: no adapter_config.json; give a run directory written by `loraforge train`")
+    if model is None:
+        from .checkpoints import verify_dir
+
+        verify_dir(run_dir)  # before reading anything else: a damaged adapter is the first thing to hear about
     recipe = _load_run_recipe(run_dir)
     examples, description = held_out_examples(recipe, data)
     if model is None:

@@ -190,6 +190,9 @@ def export_gguf(path: str | Path, out: str | Path, gguf_type: str = "f16", overw
     if out.exists() and not overwrite:
         raise UserError(f"--out {out}: exists; choose a new file name (or --overwrite)")
 
+    from .checkpoints import verify_dir
+
+    verify_dir(path)  # a truncated adapter or model file: one line before any work
     config, tok_dir, recipe = _source_config_and_tokenizer_dir(path)
     model_type = getattr(config, "model_type", None)
     if model_type not in SUPPORTED_ARCHITECTURES:

@@ -10,7 +10,11 @@ Padding and recomputation (gradient checkpointing) are not model FLOPs: MFU = mo
 real tokens per second / peak FLOP/s, so wasted work shows as lower MFU.
 
 The peak: on a GPU the dense bf16/fp16 tensor-core figure of its datasheet; on the CPU it is measured,
-the best of a few fp32 matrix multiplications on all threads (the CPU trains in fp32).
+the best of a few fp32 matrix multiplications on all threads (the CPU trains in fp32), over several
+rounds right after the run and kept as the best this process ever measured (a peak is a maximum: a
+measurement at a busy moment can only be too low). An MFU above 100% cannot be true: it means the peak
+was measured while other work held the cores, so it is not reported; the summary says the peak is
+uncertain instead (`checked_mfu`).
 """
 
 from __future__ import annotations
@@ -36,7 +40,7 @@ def lora_step_flops_per_token(shape, lora_r: int, targets, lengths: list[int]) -
     return 4.0 * frozen + 6.0 * adapters + 3.0 * attn_fwd
 
 
-def measure_cpu_matmul_peak(n: int = 2048, repeats: int = 5) -> float:
+def measure_cpu_matmul_peak(n: int = 2048, repeats: int = 2) -> float:
     """FLOP/s of the best of `repeats` fp32 n x n matrix multiplications, on torch's threads."""
     import torch
 
@@ -50,6 +54,31 @@ def measure_cpu_matmul_peak(n: int = 2048, repeats: int = 5) -> float:
     return 2.0 * n**3 / best
 
 
+_best_cpu_peak = 0.0
+
+
+def robust_cpu_peak(rounds: int = 3, pause_s: float = 0.05, measure=None) -> float:
+    """The best of `rounds` short measurements (a pause between them lets a burst of other work pass), and
+    of every earlier one in this process."""
+    global _best_cpu_peak
+    measure = measure or measure_cpu_matmul_peak
+    for i in range(rounds):
+        if i:
+            time.sleep(pause_s)
+        _best_cpu_peak = max(_best_cpu_peak, measure())
+    return _best_cpu_peak
+
+
+def checked_mfu(tokens_per_second, flops_per_token, peak, devices: int, source: str) -> tuple[float | None, str]:
+    """(MFU, peak source); above 100% the measured peak was too low (a busy machine): no MFU, and the source
+    says the peak is uncertain and by how much the run beat it."""
+    value = mfu(tokens_per_second, flops_per_token, peak, devices)
+    if value is not None and value > 1.0:
+        return None, (f"{source}; uncertain: the run did {100 * value:.0f}% of it, so the peak was measured "
+                      "while other work held the cores (MFU not reported)")
+    return value, source
+
+
 def gpu_peak_flops(name: str) -> float | None:
     tflops = next((v for k, v in GPU_PEAK_TFLOPS.items() if k in name), None)
     return None if tflops is None else tflops * 1e12
@@ -60,7 +89,7 @@ def device_peak(hw) -> tuple[float | None, str]:
     if hw.kind == "cuda" and hw.gpus:
         peak = gpu_peak_flops(hw.gpus[0].name)
         return peak, f"{hw.gpus[0].name} dense bf16/fp16 datasheet peak" if peak else "unknown GPU"
-    return measure_cpu_matmul_peak(), "measured fp32 matmul peak of this CPU (all threads)"
+    return robust_cpu_peak(), "measured fp32 matmul peak of this CPU (all threads, best of 3 rounds)"
 
 
 def mfu(tokens_per_second: float | None, flops_per_token: float, peak: float | None, devices: int = 1) -> float | None:

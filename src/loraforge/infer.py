@@ -40,6 +40,9 @@ def load_for_inference(path: str | Path, device: str | None = None, full_precisi
     path = Path(path)
     if not path.is_dir():
         raise UserError(f"{path}: not a directory; give a run directory or a merged model directory")
+    from .checkpoints import verify_dir
+
+    verify_dir(path)  # a truncated or altered adapter/model file: one line, not a SafetensorError
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     dtype = torch.bfloat16 if device == "cuda" and torch.cuda.is_bf16_supported() else torch.float32
     quantized = False

@@ -142,6 +142,8 @@ def run_accelerate(args: list[str]) -> None:
     """Start the processes with accelerate's launcher, in this process (as `accelerate launch` would)."""
     from accelerate.commands.launch import launch_command, launch_command_parser
 
+    if "--config_file" in args:  # each rank records which shipped config started it (plan.json)
+        os.environ["LORAFORGE_ACCELERATE_CONFIG"] = Path(args[args.index("--config_file") + 1]).name
     launch_command(launch_command_parser().parse_args(args))
 
 

@@ -1,5 +1,5 @@
-"""Runtime memory guard: a pre-flight step that backs off on out-of-memory on all ranks together, and the
-measured peak beside the prediction.
+"""Runtime memory guard: a pre-flight step that backs off on out-of-memory on all ranks together (the
+measured peak beside the prediction is memreport.py's).
 
 `preflight(trainer, plan, ...)` runs the worst step the plan allows (micro-batch x max_seq_length tokens,
 padded, every token in the loss) forward and backward on every rank before training starts, on the
@@ -170,37 +170,3 @@ def preflight(trainer, plan, hw, pad_id: int | None, run_dir: Path | None = None
         tmp.write_text(json.dumps(data, indent=2, default=str) + "\n")
         os.replace(tmp, path)
     return new_plan
-
-
-def measured_peak_callback(plan, run_dir: Path):
-    """On a GPU: log torch.cuda.max_memory_allocated beside the prediction after the first step and at the end,
-    and write both to memory.json in the run directory."""
-    from transformers import TrainerCallback
-
-    class MeasuredPeak(TrainerCallback):
-        def _report(self, state, when: str) -> None:
-            import torch
-
-            if not torch.cuda.is_available():
-                return
-            measured = torch.cuda.max_memory_allocated() / 2**30
-            reserved = torch.cuda.max_memory_reserved() / 2**30
-            predicted = (plan.memory or {}).get("predicted_peak_gib")
-            tensor = (plan.memory or {}).get("tensor_peak_gib")
-            log.info("memory (%s): measured peak %.2f GiB allocated, %.2f GiB reserved; predicted %s GiB",
-                     when, measured, reserved, f"{predicted:.2f}" if predicted else "n/a")
-            if state.is_world_process_zero:
-                path = run_dir / "memory.json"
-                data = json.loads(path.read_text()) if path.is_file() else {}
-                data[when] = {"max_allocated_gib": round(measured, 3), "max_reserved_gib": round(reserved, 3),
-                              "predicted_peak_gib": predicted, "predicted_tensor_peak_gib": tensor}
-                path.write_text(json.dumps(data, indent=2) + "\n")
-
-        def on_step_end(self, args, state, control, **kwargs):
-            if state.global_step == 1:
-                self._report(state, "first_step")
-
-        def on_train_end(self, args, state, control, **kwargs):
-            self._report(state, "end")
-
-    return MeasuredPeak()

@@ -130,14 +130,20 @@ def bnb_config(q: QuantizationSection, compute_dtype: str, quant_storage: str | 
     return _bnb_config(q, compute_dtype, quant_storage)
 
 
-def base_placement(kind: str, strategy: str, local_rank: int, compute_dtype: str) -> dict:
-    """Where each rank puts a (quantized) base. DDP: the whole copy on the rank's own GPU
-    (`device_map={"": local_rank}`; without it every rank would load onto GPU 0). FSDP / ZeRO-3 place
-    and shard the weights themselves: no device_map; FSDP+QLoRA stores the 4-bit weights in the
-    compute dtype so that FSDP can shard them."""
+def base_placement(kind: str, strategy: str, local_rank: int, compute_dtype: str, quant: str = "none") -> dict:
+    """Where each rank puts its base model while loading (a pure decision).
+
+    A quantized base is quantized on the GPU it will train on: bitsandbytes needs a device_map, and with
+    `None` its quantizer uses `{"": torch.cuda.current_device()}` — GPU 0 on every rank unless the device was
+    set first. So every strategy gets `{"": local_rank}` on CUDA (train.run also builds the training
+    arguments, which set the device, before loading). Under FSDP / ZeRO-3 a 4-bit base also stores its packed
+    weights in the compute dtype (`bnb_4bit_quant_storage`), so that the sharding sees flat tensors of one
+    dtype. A 16-bit base needs no device_map: the Trainer moves it (single, DDP, ZeRO-2) or the strategy
+    places and shards it (FSDP, ZeRO-3 loading under zero.Init)."""
+    quantized = quant != "none"
     return {
-        "device_map": {"": local_rank} if kind == "cuda" and strategy in ("single", "ddp", "zero2") else None,
-        "quant_storage": compute_dtype if strategy == "fsdp" else None,
+        "device_map": {"": local_rank} if quantized and kind == "cuda" else None,
+        "quant_storage": compute_dtype if quant == "4bit" and strategy in ("fsdp", "zero3") else None,
     }
 
 
@@ -209,8 +215,12 @@ def lora_config(lora: LoraSection, model):
     )
 
 
-def add_lora(model, recipe: Recipe, gradient_checkpointing: bool):
-    """Prepare a quantized base for training (peft), inject LoRA, and return (peft model, trainable, total)."""
+def add_lora(model, recipe: Recipe, gradient_checkpointing: bool, zero3: bool = False):
+    """Prepare a quantized base for training (peft), inject LoRA, and return (peft model, trainable, total).
+
+    Under ZeRO-3 the adapters keep the base's dtype (`autocast_adapter_dtype=False`): peft's default fp32
+    upcast leaves mixed-dtype parameters that DeepSpeed's partitioning rejects (trl does the same,
+    sft_trainer.py `autocast_adapter_dtype=False` for ZeRO-3)."""
     from peft import get_peft_model, prepare_model_for_kbit_training
 
     if recipe.quantization.mode != "none":
@@ -220,6 +230,6 @@ def add_lora(model, recipe: Recipe, gradient_checkpointing: bool):
             gradient_checkpointing_kwargs={"use_reentrant": False},
         )
     config = lora_config(recipe.lora, model)
-    model = get_peft_model(model, config)
+    model = get_peft_model(model, config, autocast_adapter_dtype=not zero3)
     trainable, total = model.get_nb_trainable_parameters()
     return model, trainable, total

@@ -217,6 +217,37 @@ class Solution:
     suggestions: tuple[str, ...] = ()
 
 
+def fsdp_qlora_load_bytes(shape, setup) -> int | None:
+    """FSDP + QLoRA: the bytes each GPU holds while loading, before FSDP shards anything, or None when the
+    load is not that case. accelerate skips RAM-efficient (rank-0) loading for 4-bit models and transformers
+    excludes quantized models from it, so every rank quantizes the whole base on its own GPU (4-bit linears,
+    quantization constants, the rest upcast to fp32 by peft) before `fully_shard` splits it."""
+    from .memory import estimate
+
+    if setup.quant != "4bit" or setup.strategy != "fsdp" or setup.world_size <= 1:
+        return None
+    whole = estimate(shape, setup.with_(world_size=1, strategy="single"))
+    b = whole.breakdown
+    return b["base_weights"] + b["quant_constants"] + b.get("cuda_context", 0)
+
+
+def peak_estimate(shape, setup):
+    """memory.estimate, plus the load-time peak where loading needs more than a step (FSDP + QLoRA)."""
+    from .memory import GIB, MemoryEstimate, estimate
+
+    est = estimate(shape, setup)
+    load = fsdp_qlora_load_bytes(shape, setup)
+    if load is None or load <= est.peak:
+        return est
+    note = (f"FSDP + QLoRA loads the whole 4-bit base on every GPU before sharding it ({load / GIB:.1f} GiB), more "
+            f"than a training step needs ({est.peak_gib:.1f} GiB): the load is the peak")
+    context = est.breakdown.get("cuda_context", 0)
+    breakdown = {"fsdp_qlora_load": load - context}
+    if context:
+        breakdown["cuda_context"] = context
+    return MemoryEstimate(breakdown, load - context, "load", list(est.notes) + [note])
+
+
 def solve(
     shape,
     setup,
@@ -231,7 +262,9 @@ def solve(
     """The first setting that fits `budget_gib`, in this order of preference: the longest allowed sequence, then
     no gradient checkpointing, then the largest micro-batch. Accumulation = global / (micro x world) exactly.
     `setup` (memory.TrainSetup) carries everything else (quantization, LoRA, optimizer, world, strategy)."""
-    from .memory import GIB, estimate
+    from .memory import GIB
+
+    estimate = peak_estimate
 
     world = setup.world_size
     seqs = seqs or [setup.seq_len]
@@ -284,7 +317,9 @@ def solve(
 
 def suggest(shape, setup, budget_gib: float, lengths: list[int] | None = None) -> list[str]:
     """What would fit when nothing does, each with its predicted GiB per device."""
-    from .memory import GIB, estimate
+    from .memory import GIB
+
+    estimate = peak_estimate
 
     def gib(s) -> tuple[float, bool]:
         e = estimate(shape, s)
@@ -299,6 +334,10 @@ def suggest(shape, setup, budget_gib: float, lengths: list[int] | None = None) -
         g, ok = gib(setup.with_(strategy="fsdp"))
         out.append(f"FSDP / ZeRO-3 over the {setup.world_size} GPUs (loraforge launch --strategy fsdp): "
                    f"{g:.1f} GiB per GPU{'' if ok else ', still too much'}")
+    if setup.quant == "4bit" and setup.world_size > 1 and fsdp_qlora_load_bytes(shape, setup.with_(strategy="fsdp")):
+        g, ok = gib(setup.with_(quant="none", strategy="zero3"))
+        out.append(f"LoRA on a 16-bit base with ZeRO-3 (quantization.mode: none, --strategy zero3; loads sharded "
+                   f"under zero.Init): {g:.1f} GiB per GPU{'' if ok else ', still too much'}")
     sharding = "fsdp" if setup.strategy in ("single", "ddp", "zero2") else setup.strategy
     seq = setup.seq_len
     found = False
@@ -306,10 +345,15 @@ def suggest(shape, setup, budget_gib: float, lengths: list[int] | None = None) -
         for n in (2, 4, 8, 16, 32, 64, 128, 256, 512):
             if n <= setup.world_size:
                 continue
-            g, ok = gib(setup.with_(world_size=n, strategy=sharding, seq_len=seq))
+            wider = setup.with_(world_size=n, strategy=sharding, seq_len=seq)
+            how = "FSDP" if sharding == "fsdp" else sharding
+            if fsdp_qlora_load_bytes(shape, wider) and not gib(wider)[1]:
+                # a 4-bit base loads whole on every GPU: past that, a 16-bit base that ZeRO-3 loads sharded
+                wider, how = wider.with_(quant="none", strategy="zero3"), "ZeRO-3 on a 16-bit base (quantization.mode: none)"
+            g, ok = gib(wider)
             if ok:
                 shorter = "" if seq == setup.seq_len else f" and data.max_seq_length {seq}"
-                out.append(f"more GPUs: {n} GPUs with FSDP{shorter}, {g:.1f} GiB each")
+                out.append(f"more GPUs: {n} GPUs with {how}{shorter}, {g:.1f} GiB each")
                 found = True
                 break
         seq //= 2

@@ -311,6 +311,9 @@ def recipe_from_dict(
 
 def load_recipe(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> Recipe:
     path = Path(path)
+    if path.is_dir():
+        hint = next((f" such as {p}" for p in sorted(path.glob("*.yaml"))[:1]), "")
+        raise UserError(f"{path}: is a directory; give the recipe file inside it{hint}")
     if not path.is_file():
         raise UserError(f"{path}: recipe file not found; shipped recipes are listed by `loraforge recipes`")
     try:

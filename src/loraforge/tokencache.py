@@ -22,7 +22,7 @@ from pathlib import Path
 
 log = logging.getLogger("loraforge")
 
-FORMAT = 1  # bump when what is stored changes
+FORMAT = 2  # bump when what is stored changes (2: train.arrow / eval.arrow written while streaming)
 
 
 def tokenizer_digest(tokenizer) -> str:
@@ -57,10 +57,28 @@ def cache_key(train_examples: list, eval_examples: list, tokenizer, loss_on: str
     return h.hexdigest()[:24]
 
 
+def entry(key: str) -> Path:
+    return _entry(key)
+
+
 def _entry(key: str) -> Path:
     from .modeling import cache_root
 
     return cache_root() / "tokenized" / key
+
+
+def stream_key(data_fingerprint: list, tokenizer, loss_on: str) -> str:
+    """The key for data read as a stream (data.tokenized_data): a digest of the normalised records in
+    order, their count, the eval split and seed, and the eval sources' digest, instead of the records."""
+    from importlib.metadata import version
+
+    import loraforge
+
+    h = hashlib.sha256(json.dumps({
+        "format": FORMAT, "data": data_fingerprint, "tokenizer": tokenizer_digest(tokenizer), "loss_on": loss_on,
+        "versions": [loraforge.__version__, version("transformers"), version("tokenizers")],
+    }, sort_keys=True, default=str).encode())
+    return h.hexdigest()[:24]
 
 
 def load(key: str | None):
@@ -70,10 +88,10 @@ def load(key: str | None):
     entry = _entry(key)
     try:
         meta = json.loads((entry / "meta.json").read_text())
-        from datasets import load_from_disk
+        from datasets import Dataset
 
-        train = load_from_disk(str(entry / "train"))
-        evald = load_from_disk(str(entry / "eval")) if meta["has_eval"] else None
+        train = Dataset.from_file(str(entry / "train.arrow"))
+        evald = Dataset.from_file(str(entry / "eval.arrow")) if meta["has_eval"] else None
         return train, evald, meta["lengths"]
     except FileNotFoundError:
         return None
@@ -82,20 +100,28 @@ def load(key: str | None):
         return None
 
 
-def save(key: str | None, train, evald, lengths: list[int]) -> None:
-    if key is None or os.environ.get("LORAFORGE_NO_DATA_CACHE"):
-        return
-    entry = _entry(key)
-    tmp = entry.with_name(f".{key}.{os.getpid()}.tmp")
+def work_dir(key: str) -> Path | None:
+    """A fresh directory to write an entry into (renamed into place by `save`); None: no cache."""
+    if os.environ.get("LORAFORGE_NO_DATA_CACHE"):
+        return None
+    tmp = _entry(key).with_name(f".{key}.{os.getpid()}.tmp")
     try:
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
-        train.save_to_disk(str(tmp / "train"))
-        if evald is not None:
-            evald.save_to_disk(str(tmp / "eval"))
-        (tmp / "meta.json").write_text(json.dumps({"has_eval": evald is not None, "lengths": lengths}))
-        shutil.rmtree(entry, ignore_errors=True)
-        os.replace(tmp, entry)
-    except OSError as e:  # a full or read-only cache never stops training
+    except OSError as e:
         log.warning("could not write the tokenized-data cache (%s); the next run tokenizes again", e)
-        shutil.rmtree(tmp, ignore_errors=True)
+        return None
+    return tmp
+
+
+def save(key: str, work: Path, has_eval: bool, lengths: list[int]) -> Path | None:
+    """Make `work` the entry for `key` (atomically); the entry's path, or None if it could not be."""
+    entry = _entry(key)
+    try:
+        (work / "meta.json").write_text(json.dumps({"has_eval": has_eval, "lengths": lengths}))
+        shutil.rmtree(entry, ignore_errors=True)
+        os.replace(work, entry)
+        return entry
+    except OSError as e:  # a full or read-only cache never stops training; the files in `work` are used
+        log.warning("could not write the tokenized-data cache (%s); the next run tokenizes again", e)
+        return None

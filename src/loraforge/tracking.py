@@ -29,8 +29,9 @@ def wandb_logged_in(environ=None) -> bool:
         return False
 
 
-def configure(recipe: Recipe, run_dir: Path) -> list[str] | str:
-    """Set the trackers' environment for this run; returns the Trainer's `report_to`."""
+def report_to(recipe: Recipe) -> list[str] | str:
+    """The Trainer's `report_to` for this recipe; stops with one line if a chosen tracker is not installed.
+    Writes nothing (the training arguments are built before the run directory exists)."""
     t = recipe.tracking
     import importlib.util
 
@@ -40,6 +41,13 @@ def configure(recipe: Recipe, run_dir: Path) -> list[str] | str:
                 f"tracking.backend: {backend} is not installed; pip install '{package}' (or the loraforge[{backend}] "
                 "extra), or set tracking.backend: none"
             )
+    return t.backends or "none"
+
+
+def configure(recipe: Recipe, run_dir: Path) -> list[str] | str:
+    """Set the trackers' environment for this run (once the run directory exists); returns `report_to`."""
+    t = recipe.tracking
+    report = report_to(recipe)
     if "tensorboard" in t.backends:
         os.environ["TENSORBOARD_LOGGING_DIR"] = str(run_dir / "tensorboard")
     if "wandb" in t.backends:
@@ -58,7 +66,7 @@ def configure(recipe: Recipe, run_dir: Path) -> list[str] | str:
         os.environ["WANDB_RUN_ID"] = run_id(run_dir)
         os.environ["WANDB_RESUME"] = "allow"  # same id after a resume or a SLURM requeue: the same W&B run
         os.environ.setdefault("WANDB_LOG_MODEL", "false")
-    return t.backends or "none"
+    return report
 
 
 def run_id(run_dir: Path) -> str:

@@ -68,21 +68,46 @@ class RunResult:
         return out
 
 
+def launched_strategy(hw) -> str:
+    """The strategy this process was launched under: "single" for one process, else what the launcher's
+    environment says (hardware.detect read it into `hw.strategy`), "ddp" when it says nothing."""
+    if hw.world_size <= 1:
+        return "single"
+    from .launch import strategy_from_env
+
+    strategy = getattr(hw, "strategy", None) or strategy_from_env()
+    return "ddp" if strategy == "single" else strategy
+
+
 def make_plan(recipe: Recipe, hw, longest_sample: int, model_max: int | None, shape=None, lengths=None):
     """The plan. With the model's shape (memory.ModelShape) the memory model chooses micro-batch, accumulation,
     sequence length and checkpointing for `hw`'s budget; without it, a split of the global batch only."""
-    from .planner import Plan, choose_precision, choose_seq_length, plan_batch
+    from .planner import choose_precision
+
+    precision = choose_precision(hw.kind == "cuda", hw.bf16, recipe.model.dtype)
+    plan = _make_plan(recipe, hw, precision, longest_sample, model_max, shape, lengths)
+    from dataclasses import replace
+
+    from .gpu_pin import pin_note
+
+    note = pin_note()
+    if note is None and hw.world_size == 1 and len(getattr(hw, "gpus", ()) or ()) > 1:
+        note = (f"one process with {len(hw.gpus)} GPUs visible: training uses one GPU (loraforge pins GPU 0 before "
+                "CUDA starts); use `loraforge launch` to train on all of them")
+    return replace(plan, notes=plan.notes + (note,)) if note else plan
+
+
+def _make_plan(recipe: Recipe, hw, precision, longest_sample: int, model_max: int | None, shape, lengths):
+    from .planner import Plan, choose_seq_length, plan_batch
 
     t = recipe.training
-    precision = choose_precision(hw.kind == "cuda", hw.bf16, recipe.model.dtype)
     if shape is not None:
         from dataclasses import replace
 
-        from .launch import check_supported, strategy_from_env
+        from .launch import check_supported
         from .planner import plan_with_memory
 
-        strategy = (getattr(hw, "strategy", None) or strategy_from_env()) if hw.world_size > 1 else "single"
-        strategy = "ddp" if strategy == "single" and hw.world_size > 1 else strategy
+        strategy = launched_strategy(hw)
         check_supported(strategy, recipe.quantization.mode != "none")
         plan = plan_with_memory(recipe, hw, precision, strategy, shape, longest_sample, model_max, lengths)
         if strategy == "fsdp" and hw.kind == "cpu":
@@ -101,9 +126,9 @@ def make_plan(recipe: Recipe, hw, longest_sample: int, model_max: int | None, sh
         notes.append(f"gradient checkpointing auto -> {'on' if gc else 'off'}")
     else:
         gc = bool(t.gradient_checkpointing)
-    from .launch import check_supported, strategy_from_env
+    from .launch import check_supported
 
-    strategy = strategy_from_env() if hw.world_size > 1 else "single"
+    strategy = launched_strategy(hw)
     check_supported(strategy, recipe.quantization.mode != "none")
     if strategy == "fsdp" and hw.kind == "cpu":
         notes.append("on CPU, accelerate runs FSDP as plain DDP: the weights are not sharded here (a GPU run is)")
@@ -148,26 +173,13 @@ def prepare(recipe: Recipe, hw) -> Prepared:
     from .modeling import base_model_dir, load_tokenizer
 
     template = data_mod.resolve_chat_template(recipe)
-    examples = data_mod.load_examples(recipe.data.sources, recipe)
-    train_ex, eval_ex = data_mod.split_eval(examples, recipe.data.eval_split, recipe.training.seed)
-    if recipe.data.eval_sources:
-        eval_ex = eval_ex + data_mod.load_examples(recipe.data.eval_sources, recipe)
-
+    # Streamed (data.py): read + validated first (a bad record stops here, before any model loads), then
+    # tokenized into memory-mapped files on disk, cached between runs: bounded memory whatever the data's
+    # size. One cache writer; the other ranks tokenize too (the same result) rather than wait.
+    scan = data_mod.scan_data(recipe)
     model_dir = base_model_dir(recipe)
     tokenizer = load_tokenizer(model_dir, recipe, template)
-    from . import tokencache
-
-    key = tokencache.cache_key(train_ex, eval_ex, tokenizer, recipe.data.loss_on)
-    cached = tokencache.load(key)
-    if cached is not None:
-        train_ds, eval_ds, lengths = cached
-        log.info("tokenized data from the cache (%s)", key)
-    else:
-        train_ds = data_mod.tokenize_all(train_ex, tokenizer, None, recipe.data.loss_on)
-        eval_ds = data_mod.tokenize_all(eval_ex, tokenizer, None, recipe.data.loss_on) if eval_ex else None
-        lengths = [len(x) for x in train_ds["input_ids"]]
-        if hw.rank == 0:  # one writer; the others tokenize too (the same result) rather than wait
-            tokencache.save(key, train_ds, eval_ds, lengths)
+    train_ds, eval_ds, lengths = data_mod.tokenized_data(recipe, tokenizer, scan, write_cache=hw.rank == 0)
 
     config = AutoConfig.from_pretrained(
         model_dir, trust_remote_code=recipe.model.trust_remote_code, revision=recipe.model.revision
@@ -204,12 +216,16 @@ def prepare(recipe: Recipe, hw) -> Prepared:
 
 def prepare_run_dir(recipe: Recipe, overwrite: bool, is_main: bool) -> tuple[Path, bool]:
     """Create the run directory; (path, already complete). A different recipe in a used directory stops."""
+    from .runlock import LOCK_FILE
+
     run_dir = Path(recipe.output_dir).expanduser()
     existing = run_dir / "recipe.yaml"
-    if run_dir.exists() and any(run_dir.iterdir()):
+    if run_dir.is_dir() and any(p.name != LOCK_FILE for p in run_dir.iterdir()):
         if overwrite:
             if is_main:
-                shutil.rmtree(run_dir)
+                for p in run_dir.iterdir():  # all but the run lock this process holds
+                    if p.name != LOCK_FILE:
+                        shutil.rmtree(p) if p.is_dir() and not p.is_symlink() else p.unlink()
         elif existing.is_file():
             import yaml
 
@@ -231,13 +247,27 @@ def _write_json(path: Path, obj) -> None:
     os.replace(tmp, path)
 
 
-def sft_config(recipe: Recipe, plan, run_dir: Path, quiet: bool):
+def device_kwargs(cpu: bool, strategy: str) -> dict:
+    """The training arguments that choose the device and backend (a pure decision).
+
+    DeepSpeed runs on the CPU too, but accelerate engages it only when not told `cpu` (state.py): on a CPU
+    machine ZeRO ranks keep use_cpu off (they land on the CPU device anyway) and name gloo: with no GPU,
+    accelerate finds no default backend, and a DeepSpeed state would count one process ("No backend == no
+    distributed training") while DeepSpeed itself sees them all."""
+    return {
+        "use_cpu": cpu and not strategy.startswith("zero"),
+        "ddp_backend": "gloo" if cpu and strategy != "single" else None,
+    }
+
+
+def sft_config(recipe: Recipe, plan, run_dir: Path, report_to):
+    """The SFTConfig for this plan. Built before the model loads: creating it sets each rank's device and,
+    under `accelerate launch` with DeepSpeed ZeRO-3, registers the DeepSpeed config so that `from_pretrained`
+    partitions the weights while loading (zero.Init) instead of every rank holding the whole model."""
     from trl import SFTConfig
 
     t = recipe.training
-    from .tracking import configure
-
-    report = configure(recipe, run_dir)
+    report = report_to
     has_eval = recipe.data.eval_split > 0 or bool(recipe.data.eval_sources)
     return SFTConfig(
         output_dir=str(run_dir / "checkpoints"),
@@ -256,7 +286,7 @@ def sft_config(recipe: Recipe, plan, run_dir: Path, quiet: bool):
         data_seed=t.seed,
         bf16=plan.precision.bf16,
         fp16=plan.precision.fp16,
-        use_cpu=plan.precision.use_cpu,
+        **device_kwargs(plan.precision.use_cpu, plan.strategy),
         activation_checkpointing=plan.gradient_checkpointing,
         activation_checkpointing_kwargs={"use_reentrant": False},
         ddp_find_unused_parameters=False,
@@ -279,13 +309,26 @@ def sft_config(recipe: Recipe, plan, run_dir: Path, quiet: bool):
 
 
 def run(recipe: Recipe, overwrite: bool = False, quiet: bool = False) -> RunResult:
-    """Train `recipe` end to end in this process (one of possibly many ranks)."""
-    from .callbacks import process_start_time
+    """Train `recipe` end to end in this process (one of possibly many ranks). The writer rank holds the
+    run directory's lock throughout: a second run on the same directory stops at once (runlock.py)."""
+    from .hardware import process_topology
+    from .runlock import hold
+
+    with hold(recipe.output_dir, enabled=process_topology()["rank"] == 0):
+        return _run(recipe, overwrite, quiet)
+
+
+def _run(recipe: Recipe, overwrite: bool = False, quiet: bool = False) -> RunResult:
     from .hardware import detect
+    from .status import process_start_time, stage  # not .callbacks: it imports transformers' Trainer (peft, ...)
 
     t0 = time.time()
     started = process_start_time()
     stages = {"imports": round(t0 - started, 2)}
+    if recipe.training.device != "cpu":
+        from .gpu_pin import pin_single_process
+
+        pin_single_process()  # one process on a multi-GPU box: one GPU, before anything initialises CUDA
     if recipe.training.device == "gpu":
         import torch
 
@@ -304,9 +347,12 @@ def run(recipe: Recipe, overwrite: bool = False, quiet: bool = False) -> RunResu
             result.samples = compare_samples(recipe, run_dir)
         return result
 
+    if "peft" not in sys.modules:
+        stage("loading the training libraries (transformers' Trainer: peft, bitsandbytes)")
     from .preemption import StopOnSignal, exit_if_preempted
 
     stop = StopOnSignal()  # USR1/TERM: finish the step, checkpoint, exit 75 (SLURM requeues; see preemption.py)
+    stage("reading and tokenizing the data, planning")
     prep = prepare(recipe, hw)
     stages["data_and_plan"] = round(time.time() - started, 2)
     plan, tokenizer = prep.plan, prep.tokenizer
@@ -315,15 +361,24 @@ def run(recipe: Recipe, overwrite: bool = False, quiet: bool = False) -> RunResu
 
         raise UserError(unfit_message(plan.to_dict()))
     from .modeling import add_lora, base_placement, load_base_model
+    from .tracking import report_to
 
     from transformers import set_seed
 
+    # The training arguments first: they set this rank's device and (ZeRO-3) switch loading to zero.Init.
+    args = sft_config(recipe, plan, run_dir, report_to(recipe))
+    _ = args.device  # builds accelerate's PartialState now: torch.cuda.set_device(local_rank) on GPUs
     set_seed(recipe.training.seed)  # LoRA's A matrices are random: the same recipe must start from the same weights
+    stage(f"loading the model {recipe.model.name_or_path}")
     model = load_base_model(
         prep.model_dir, recipe, plan.precision.model_dtype,
-        **base_placement(hw.kind, plan.strategy, hw.local_rank, plan.precision.model_dtype),
+        **base_placement(hw.kind, plan.strategy, hw.local_rank, plan.precision.model_dtype, recipe.quantization.mode),
     )
-    model, trainable, total = add_lora(model, recipe, plan.gradient_checkpointing)
+    from .memreport import DeviceMemoryReport
+
+    memory_report = DeviceMemoryReport(plan, run_dir, hw.rank)
+    memory_report.after_load(model)
+    model, trainable, total = add_lora(model, recipe, plan.gradient_checkpointing, zero3=plan.strategy == "zero3")
     stages["model"] = round(time.time() - started, 2)
     if is_main:
         log.info("LoRA: %s trainable of %s parameters (%.2f%%)", f"{trainable:,}", f"{total:,}", 100 * trainable / total)
@@ -335,22 +390,29 @@ def run(recipe: Recipe, overwrite: bool = False, quiet: bool = False) -> RunResu
         _write_json(run_dir / "source.json", {"recipe": str(recipe.source) if recipe.source else None})
         _write_json(run_dir / "plan.json", plan.to_dict() | {"hardware": hw.to_dict(), "data": prep.data_summary()})
         _write_json(run_dir / "versions.json", library_versions())
+        from .tracking import configure
+
+        configure(recipe, run_dir)  # trackers' environment; they run on the main process only
+    memory_report.ready = True
+    memory_report.flush()
 
     from .callbacks import MetricsFile, NonFiniteGuard
     from .tracking import TrackedConfig
-    from .checkpoints import clean_incomplete, latest_complete
+    from .checkpoints import clean_incomplete, drop_damaged, latest_complete
     from .trainer import make_trainer_class
 
     ckpt_dir = run_dir / "checkpoints"
     if is_main:
         for leftover in clean_incomplete(ckpt_dir):
             log.info("removed incomplete checkpoint %s", leftover)
+        drop_damaged(ckpt_dir)  # verified against the marker's checksums; a damaged one is moved aside
+    stage("building the trainer (trl, peft; memory check)")
     from .batching import RowCollator
 
     attn = getattr(model.config, "_attn_implementation", None) or ""
     trainer = make_trainer_class()(
         model=model,
-        args=sft_config(recipe, plan, run_dir, quiet),
+        args=args,
         data_collator=RowCollator(tokenizer.pad_token_id, plan.max_seq_length, flatten="flash" in attn),
         loss_head=plan.loss_head,
         rows_per_forward=plan.rows_per_forward,
@@ -366,6 +428,12 @@ def run(recipe: Recipe, overwrite: bool = False, quiet: bool = False) -> RunResu
             }),
         ],
     )
+    if is_main:  # what accelerate really runs (a CPU would turn FSDP into DDP without a word): in plan.json
+        path = run_dir / "plan.json"
+        _write_json(path, json.loads(path.read_text()) | {
+            "distributed_type": str(trainer.accelerator.distributed_type).split(".")[-1],
+            "accelerate_config": os.environ.get("LORAFORGE_ACCELERATE_CONFIG"),
+        })
     from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
     from .callbacks import ProgressBar
@@ -381,23 +449,26 @@ def run(recipe: Recipe, overwrite: bool = False, quiet: bool = False) -> RunResu
     last = latest_complete(ckpt_dir)
     if last and is_main:
         log.info("resuming from %s", last)
-    from .memguard import measured_peak_callback, preflight
+    from .memguard import preflight
+    from .memreport import reset_after_preflight
 
     plan = preflight(trainer, plan, hw, tokenizer.pad_token_id, run_dir)  # shrinks micro-batch on OOM, all ranks
-    trainer.add_callback(measured_peak_callback(plan, run_dir))
+    reset_after_preflight(memory_report)  # the measured peak is the training steps', not the probe's
+    memory_report.plan = plan
+    trainer.add_callback(memory_report)
     trainer.add_callback(stop)
     stages["trainer"] = round(time.time() - started, 2)
+    stage("training" + (f" (resuming from {last.name})" if last else ""))
     out = trainer.train(resume_from_checkpoint=str(last) if last else None)
     if startup.startup_s is not None:
         stages["first_step"] = round(startup.startup_s, 2)
     exit_if_preempted(trainer, stop, run_dir)  # stopped on a signal: checkpoint written, exits here
+    stage("training done: evaluating, saving the adapter, writing the model card")
     eval_loss = None
     if prep.eval_ds is not None:
         eval_loss = trainer.evaluate().get("eval_loss")
 
-    from .trainer import peak_memory_gib
-
-    peak, measured = peak_memory_gib()
+    peak, measured = memory_report.peak_gib()  # the largest over all ranks
     tokens = int(getattr(trainer, "_total_train_tokens", 0))
     runtime = out.metrics.get("train_runtime") or 0.0
     tps = tokens / runtime if runtime and tokens else None
@@ -409,24 +480,31 @@ def run(recipe: Recipe, overwrite: bool = False, quiet: bool = False) -> RunResu
         per_token = flops.lora_step_flops_per_token(prep.shape, recipe.lora.r, recipe.lora.target_modules,
                                                      [min(n, seq) for n in prep.lengths])
         peak_flops, source = flops.device_peak(hw)
+    mfu, source = flops.checked_mfu(tps, per_token, peak_flops, hw.world_size, source) if per_token else (None, source)
     result = RunResult(
         run_dir, trained=True, train_loss=out.training_loss, eval_loss=eval_loss,
         steps=trainer.state.global_step, wall_s=time.time() - t0, trainable_params=trainable, total_params=total,
         tokens_seen=tokens, tokens_per_second=tps, peak_memory_gib=peak, memory_measured=measured,
         predicted_peak_gib=plan.to_dict().get("predicted_peak_gib"),
-        mfu=flops.mfu(tps, per_token, peak_flops, hw.world_size) if per_token else None,
+        mfu=mfu,
         flops_per_token=per_token, peak_flops=peak_flops, peak_source=source, startup_s=startup.startup_s,
         startup_stages=stages,
     )
-    trainer.save_model(str(run_dir))  # every rank: ZeRO-3 / FSDP gather the adapter together; rank 0 writes
+    from .saving import check_saved_adapter, save_adapter
+
+    save_adapter(trainer, run_dir)  # every rank: ZeRO-3 / FSDP gather the adapter together; rank 0 writes
+    check_saved_adapter(trainer, run_dir)  # all ranks agree: the adapter is complete before the run is "finished"
+    samples = final_samples(recipe, run_dir, trainer, tokenizer, plan.strategy)
     if trainer.is_world_process_zero():
         tokenizer.save_pretrained(str(run_dir))
+        from .checkpoints import write_manifest
+
+        write_manifest(run_dir)  # checksums of adapter + tokenizer, verified before eval/merge/export/chat
         (run_dir / "training_args.bin").unlink(missing_ok=True)  # a pickle; recipe.yaml + plan.json say it all
         _write_json(run_dir / DONE_FILE, result.summary())
-        if recipe.samples.prompts:
-            # One process: the model in memory. Several: a fresh copy (sharded weights cannot generate on one rank).
-            in_memory = trainer.model if hw.world_size == 1 else None
-            result.samples = compare_samples(recipe, run_dir, tokenizer, model=in_memory)
+        if samples is not None:
+            result.samples = samples
+            _write_json(run_dir / "samples.json", samples)
         from .card import write_model_card
 
         write_model_card(run_dir)  # README.md + plots/*.png (replaces peft's empty template)
@@ -434,7 +512,22 @@ def run(recipe: Recipe, overwrite: bool = False, quiet: bool = False) -> RunResu
     return result
 
 
-def compare_samples(recipe: Recipe, run_dir: Path, tokenizer=None, model=None) -> list[dict]:
+def final_samples(recipe: Recipe, run_dir: Path, trainer, tokenizer, strategy: str) -> list[dict] | None:
+    """The sample answers after training, from the model in memory (never a second copy of the base on one
+    GPU). Replicated strategies (single, DDP, ZeRO-2): rank 0 answers alone. Sharded ones (FSDP, ZeRO-3):
+    every rank runs the same generation in lockstep, since each forward gathers the shards collectively.
+    Returns the rows on rank 0, None elsewhere or without prompts."""
+    if not recipe.samples.prompts:
+        return None
+    sharded = strategy in ("fsdp", "zero3") and trainer.args.world_size > 1
+    if not sharded and not trainer.is_world_process_zero():
+        return None
+    model = trainer.model if sharded else trainer.accelerator.unwrap_model(trainer.model)
+    rows = compare_samples(recipe, run_dir, tokenizer, model=model, write=False)
+    return rows if trainer.is_world_process_zero() else None
+
+
+def compare_samples(recipe: Recipe, run_dir: Path, tokenizer=None, model=None, write: bool = True) -> list[dict]:
     """Answer the recipe's sample prompts with the base model (adapter off) and the fine-tuned one."""
     from .infer import answer, load_for_inference
 
@@ -448,7 +541,8 @@ def compare_samples(recipe: Recipe, run_dir: Path, tokenizer=None, model=None) -
             base = answer(model, tokenizer, prompt, n, recipe.data.system_prompt)
         tuned = answer(model, tokenizer, prompt, n, recipe.data.system_prompt)
         rows.append({"prompt": prompt, "base": base, "fine_tuned": tuned})
-    _write_json(run_dir / "samples.json", rows)
+    if write:
+        _write_json(run_dir / "samples.json", rows)
     return rows
 
 

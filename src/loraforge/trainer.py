@@ -26,7 +26,7 @@ import shutil
 import time
 from pathlib import Path
 
-from .checkpoints import STAGING, MARKER, checkpoint_estimate, ensure_free_space, latest_complete, rotate
+from .checkpoints import STAGING, checkpoint_estimate, ensure_free_space, latest_complete, rotate, write_marker
 from .errors import UserError
 
 
@@ -250,7 +250,7 @@ def make_trainer_class():
             self.accelerator.wait_for_everyone()
             if self.args.should_save:
                 written = staging / f"checkpoint-{step}"
-                (written / MARKER).write_text(f"{step}\n")
+                write_marker(written, step)  # sizes + checksums of every file, then complete
                 if final.exists():  # an incomplete leftover of an earlier crash at this very step
                     shutil.rmtree(final)
                 os.replace(written, final)

@@ -1,0 +1,48 @@
+"""Test harness, imported by every Python process a test starts with this folder on PYTHONPATH.
+
+Switches (environment variables), each only what the test names:
+- LORAFORGE_TEST_CPU_FSDP=1: drive accelerate's real FSDP2 path on CPU processes over gloo. accelerate turns
+  FSDP on only for GPU-type distributed types (state.py, AcceleratorState.__init__: the branch that sets
+  DistributedType.FSDP is inside `elif self.distributed_type in [MULTI_GPU, MULTI_NPU, ...]`, which skips
+  MULTI_CPU), so on a CPU the same launch silently runs DDP. Here, after the state is built, a MULTI_CPU state
+  that was given an FSDP plugin becomes DistributedType.FSDP with that plugin — from there everything
+  (Trainer's FSDP branches, `fsdp2_prepare_model`, `fully_shard` on a CPU mesh, saving, resume) is the
+  library code a GPU run executes. What differs from a GPU: the device (cpu) and the backend (gloo).
+- LORAFORGE_TEST_NAN_AT_STEP=N: the loss of optimizer step N (1-based) is multiplied by NaN on every rank, in
+  the Trainer's `training_step`, so the gradients of that step are NaN (what a diverging run produces).
+"""
+
+import os
+
+if os.environ.get("LORAFORGE_TEST_CPU_FSDP") == "1":
+    import accelerate.state as _state
+
+    _orig_init = _state.AcceleratorState.__init__
+
+    def _init(self, *args, fsdp_plugin=None, **kwargs):
+        _orig_init(self, *args, fsdp_plugin=fsdp_plugin, **kwargs)
+        if fsdp_plugin is not None and self.distributed_type == _state.DistributedType.MULTI_CPU:
+            self.distributed_type = _state.DistributedType.FSDP
+            self.fsdp_plugin = fsdp_plugin
+
+    _state.AcceleratorState.__init__ = _init
+
+if os.environ.get("LORAFORGE_TEST_NAN_AT_STEP"):
+    _nan_step = int(os.environ["LORAFORGE_TEST_NAN_AT_STEP"])
+    from loraforge import trainer as _trainer
+
+    _factory = _trainer.make_trainer_class
+
+    def _poisoned():
+        base = _factory()
+
+        class Poisoned(base):
+            def compute_loss(self, *args, **kwargs):
+                loss = super().compute_loss(*args, **kwargs)
+                if self.model.training and self.state.global_step + 1 == _nan_step:
+                    loss = (loss[0] * float("nan"),) + tuple(loss[1:]) if isinstance(loss, tuple) else loss * float("nan")
+                return loss
+
+        return Poisoned
+
+    _trainer.make_trainer_class = _poisoned
