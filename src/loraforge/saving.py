@@ -95,7 +95,9 @@ def check_saved_adapter(trainer, run_dir: Path) -> None:
 
     trainer.accelerator.wait_for_everyone()  # rank 0 has finished writing
     model = trainer.accelerator.unwrap_model(trainer.model)
-    problem = adapter_problem(run_dir, expected_shapes(model))
+    from .quant import saved_adapter_shapes
+
+    problem = adapter_problem(run_dir, saved_adapter_shapes(model, expected_shapes(model)))
     failed = _any_rank(problem is not None)
     if failed:
         raise UserError(
