@@ -136,3 +136,25 @@ def make_recipe(tmp_path, tiny_model_dir):
         return path
 
     return _make
+
+
+# ------------------------------------------------------------------ what this session ran (test_zz_every_config_ran)
+# Training processes write into plan.json (the accelerate config they were launched with, the distributed type their
+# accelerator really set up) into run directories under pytest's basetemp; test_zz_every_config_ran.py, collected
+# last, reads them. These hooks tell it whether the whole suite was selected and which tests were skipped.
+
+SESSION = {"deselected": 0, "modules": set(), "skipped": {}}
+
+
+def pytest_collection_modifyitems(session, config, items):
+    SESSION["modules"] = {Path(str(item.fspath)).name for item in items}
+
+
+def pytest_deselected(items):
+    SESSION["deselected"] += len(items)
+
+
+def pytest_runtest_logreport(report):
+    if report.skipped:
+        reason = report.longrepr[2] if isinstance(report.longrepr, tuple) else str(report.longrepr)
+        SESSION["skipped"][report.nodeid] = reason

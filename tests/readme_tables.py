@@ -22,6 +22,13 @@ RECIPES = {  # shipped recipe -> fixture config of its hub model
     "llama-3-8b-lora": "llama-3-8b-instruct",
     "llama-3-8b-qlora": "llama-3-8b-instruct",
     "llama-3-70b-qlora": "llama-3-70b-instruct",
+    "qwen3-4b-lora": "qwen3-4b",
+    "qwen3-4b-qlora": "qwen3-4b",
+    "qwen3-8b-lora": "qwen3-8b",
+    "qwen3-8b-qlora": "qwen3-8b",
+    "qwen3-30b-a3b-lora": "qwen3-30b-a3b",
+    "granite-3.0-1b-a400m-lora": "granite-3.0-1b-a400m-instruct",
+    "gemma-2-2b-qlora": "gemma-2-2b-it",
 }
 PROFILES = [  # column title, profile, GPUs per node, nodes
     ("rtx3060-12gb", "rtx3060-12gb", 1, 1),

@@ -195,7 +195,7 @@ def one_process(tmp_path_factory, tiny_model_dir):
 
 
 # What accelerate must really run for each strategy: a plan that says "zero3" over a DDP run proves nothing.
-RUNS_AS = {"ddp": "MULTI_CPU", "zero2": "DEEPSPEED", "zero3": "DEEPSPEED", "fsdp": "FSDP"}
+RUNS_AS = {"ddp": "MULTI_CPU", "zero2": "DEEPSPEED", "zero3": "DEEPSPEED", "zero3-offload": "DEEPSPEED", "fsdp": "FSDP"}
 CPU_FSDP = {"LORAFORGE_TEST_CPU_FSDP": "1"}  # tests/harness/sitecustomize.py: accelerate's FSDP2 path on CPU
 
 
@@ -205,14 +205,23 @@ def _rank_bytes(run_dir: Path, when: str) -> list[int]:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("strategy", ["ddp", "zero2", "zero3", "fsdp"])
+@pytest.mark.parametrize("strategy", ["ddp", "zero2", "zero3", "zero3-offload", "fsdp"])
 def test_two_processes_train_the_same_adapter_as_one(one_process, tiny_model_dir, strategy):
     """2 CPU processes under each strategy, through accelerate's own code path for it (DeepSpeed engine;
-    FSDP2 `fully_shard` via the harness), give the 1-process adapter at the same global batch."""
+    FSDP2 `fully_shard` via the harness), give the 1-process adapter at the same global batch.
+    zero3-offload: the shipped JSON sets "zero_force_ds_cpu_optimizer": false. Without it accelerate swaps the
+    Trainer's torch AdamW for DeepSpeedCPUAdam (a JIT-built C++ op; here its build never finished) and DeepSpeed
+    itself refuses a client optimizer under offload (engine.py: ZeRORuntimeException)."""
     tmp = one_process
     recipe = _topology_recipe(tmp, tiny_model_dir, strategy)
     _loraforge("launch", str(recipe), "--strategy", strategy, "--gpus", "2", "--set", "training.device=cpu",
                env=CPU_FSDP if strategy == "fsdp" else None)
+    launched = json.loads((tmp / strategy / "plan.json").read_text())["launch"]  # what accelerate really set up
+    assert launched["accelerate_config"] == config_file(strategy, 1).name and launched["world_size"] == 2
+    if strategy.startswith("zero"):
+        assert launched["zero_stage"] == (2 if strategy == "zero2" else 3)
+        assert (launched["offload_optimizer"], launched["offload_param"]) == (
+            ("cpu", "cpu") if strategy == "zero3-offload" else (None, None))
     one, two = json.loads((tmp / "one" / "plan.json").read_text()), json.loads((tmp / strategy / "plan.json").read_text())
     assert (one["world_size"], two["world_size"]) == (1, 2)  # really two processes
     assert two["strategy"] == strategy
@@ -230,6 +239,34 @@ def test_two_processes_train_the_same_adapter_as_one(one_process, tiny_model_dir
     loss_steps = [r["step"] for r in records if "loss" in r]
     assert max(loss_steps) >= 10 and len(loss_steps) == len(set(loss_steps))  # only rank 0 logs
     assert _max_diff(_adapter(tmp / "one"), _adapter(tmp / strategy)) <= 1e-5
+
+
+@pytest.mark.slow
+def test_single_strategy_launches_one_process_through_accelerate(one_process, tiny_model_dir):
+    """`loraforge launch --strategy single`: accelerate's simple launcher with single_gpu.yaml, one process,
+    the adapter of `loraforge train`."""
+    tmp = one_process
+    _loraforge("launch", str(_topology_recipe(tmp, tiny_model_dir, "single")), "--strategy", "single",
+               "--set", "training.device=cpu")
+    launched = json.loads((tmp / "single" / "plan.json").read_text())["launch"]
+    assert launched["accelerate_config"] == "single_gpu.yaml"
+    assert (launched["distributed_type"], launched["world_size"]) == ("NO", 1)
+    assert _max_diff(_adapter(tmp / "one"), _adapter(tmp / "single")) <= 1e-6
+
+
+@pytest.mark.slow
+def test_a_zero2_launch_that_accelerate_would_run_as_ddp_stops(one_process, tiny_model_dir):
+    """ACCELERATE_USE_CPU=1 (what the SLURM CPU template used to export) makes AcceleratorState(cpu=True) skip
+    DeepSpeed: the ZeRO-2 launch would train plain MULTI_CPU DDP. Each process stops before training, saying so."""
+    recipe = _topology_recipe(one_process, tiny_model_dir, "zero2-as-ddp")
+    env = os.environ | {"PYTHONPATH": str(Path(__file__).parent), "ACCELERATE_USE_CPU": "1"}
+    proc = subprocess.run([sys.executable, "-m", "loraforge", "launch", str(recipe), "--strategy", "zero2", "--gpus", "2",
+                           "--set", "training.device=cpu"], capture_output=True, text=True, timeout=900, env=env)
+    assert proc.returncode != 0
+    assert "launched for zero2 (DeepSpeed), but accelerate set up MULTI_CPU; unset ACCELERATE_USE_CPU" in proc.stderr
+    launched = json.loads((one_process / "zero2-as-ddp" / "plan.json").read_text())["launch"]
+    assert launched["distributed_type"] == "MULTI_CPU"  # what it would have trained as
+    assert not (one_process / "zero2-as-ddp" / "adapter_model.safetensors").exists()
 
 
 @pytest.mark.slow

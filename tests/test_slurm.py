@@ -60,7 +60,10 @@ def _recipe(tmp: Path, model_dir: Path, name: str, **training) -> Path:
 
 
 def _cli(*args, env=None, cwd=None, check=True, timeout=300) -> subprocess.CompletedProcess:
-    env = os.environ | {"PYTHONPATH": str(Path(__file__).parent)} | (env or {})
+    # sbatch hands this environment to the job: the interpreter running the tests comes first on PATH, so the
+    # job's `accelerate` (and the python it starts) are this checkout's, not another install's.
+    path = f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"
+    env = os.environ | {"PYTHONPATH": str(Path(__file__).parent), "PATH": path} | (env or {})
     proc = subprocess.run([sys.executable, "-m", "loraforge", *args], capture_output=True, text=True, env=env,
                           cwd=cwd, timeout=timeout)
     if check:
@@ -244,15 +247,22 @@ def _max_diff(a: Path, b: Path) -> float:
 
 
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory, tiny_model_dir, cluster):
-    """The 1-process reference and the 2-node job (over SLURM), both 12 optimizer steps at global batch 8."""
+def reference(tmp_path_factory, tiny_model_dir, cluster):
+    """The 1-process reference run: 12 optimizer steps at global batch 8."""
     tmp = tmp_path_factory.mktemp("slurm")
+    _cli("train", str(_recipe(tmp, tiny_model_dir, "one")), "--quiet")
+    return tmp
+
+
+@pytest.fixture(scope="module")
+def runs(reference, tiny_model_dir):
+    """The 2-node DDP job (over SLURM), 12 optimizer steps at global batch 8 like the reference."""
+    tmp = reference
     recipe = _recipe(tmp, tiny_model_dir, "two-nodes")
     out = _cli("slurm", "submit", str(recipe), "--nodes", "2", "--gpus-per-node", "1", "--cpu", "--time", "00:10:00")
     run_dir = tmp / "runs" / "two-nodes"
     job = _job_id(run_dir)
     assert f"submitted job {job}" in out.stdout and f"slurm-{job}.out" in out.stdout
-    _cli("train", str(_recipe(tmp, tiny_model_dir, "one")), "--quiet")  # meanwhile, the 1-process reference
     info = _wait_gone(job)
     return tmp, job, info
 
@@ -273,6 +283,44 @@ def test_two_node_job_forms_one_group_and_trains_the_one_process_adapter(runs):
     assert _max_diff(tmp / "runs" / "one", run_dir) <= 1e-5
     status = _cli("slurm", "status", str(run_dir)).stdout
     assert f"job {job}: COMPLETED" in status and "step 12 of 12" in status and "world size 2" in status
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("strategy", ["zero2", "zero3", "zero3-offload", "fsdp"])
+def test_two_node_zero_and_fsdp_jobs_form_one_world_and_train_the_one_process_adapter(reference, tiny_model_dir, strategy):
+    """Multi-node DeepSpeed (and FSDP2) for real: `accelerate launch --deepspeed_multinode_launcher standard` on each of 2
+    SLURM nodes (torchrun with the node's rank); without it accelerate runs `deepspeed --hostfile None --launcher
+    pdsh`, which starts a separate local job per node. One world of 2 under DeepSpeed (plan.json's `launch` is what the
+    training processes' accelerator really set up: plan.json's `launch`), and the 1-process adapter."""
+    tmp = reference
+    name = f"two-nodes-{strategy}"
+    recipe = _recipe(tmp, tiny_model_dir, name)
+    # fsdp: accelerate's FSDP2 path on CPU processes through the test harness (tests/harness/sitecustomize.py)
+    env = {"PYTHONPATH": f"{Path(__file__).parent / 'harness'}{os.pathsep}{Path(__file__).parent}",
+           "LORAFORGE_TEST_CPU_FSDP": "1"} if strategy == "fsdp" else None
+    _cli("slurm", "submit", str(recipe), "--nodes", "2", "--gpus-per-node", "1", "--cpu", "--strategy", strategy,
+         "--time", "00:10:00", env=env)
+    run_dir = tmp / "runs" / name
+    job = _job_id(run_dir)
+    info = _wait_gone(job, 600)
+    log = _log(run_dir, job)
+    assert info.get("JobState") == "COMPLETED", log[-4000:]
+    ranks = dict((int(r), node) for _, node, r in re.findall(r"node (\d+) \((\S+)\): machine_rank (\d+)", log))
+    assert sorted(ranks) == [0, 1] and len(set(ranks.values())) == 2, log[:2000]
+    launched = json.loads((run_dir / "plan.json").read_text())["launch"]
+    config = {"zero2": "zero2", "zero3": "zero3", "zero3-offload": "zero3_offload", "fsdp": "fsdp"}[strategy]
+    assert launched["accelerate_config"] == f"{config}_multinode.yaml"
+    if strategy == "fsdp":
+        assert launched["distributed_type"] == "FSDP" and launched["zero_stage"] is None
+    else:
+        assert launched["distributed_type"] == "DEEPSPEED" and launched["zero_stage"] == (2 if strategy == "zero2" else 3)
+        assert (launched["offload_optimizer"] == "cpu") == (strategy == "zero3-offload")
+    assert launched["world_size"] == 2 and launched["num_nodes"] == 2  # ONE world across both nodes
+    plan = json.loads((run_dir / "plan.json").read_text())
+    assert plan["world_size"] == 2 and plan["strategy"] == strategy and plan["gradient_accumulation_steps"] == 2
+    steps = [json.loads(line)["step"] for line in (run_dir / "metrics.jsonl").read_text().splitlines() if '"loss"' in line]
+    assert steps[-1] == 12 and steps == sorted(set(steps))  # one job's metrics, not two jobs writing one file
+    assert _max_diff(tmp / "runs" / "one", run_dir) <= 1e-5
 
 
 @pytest.mark.slow

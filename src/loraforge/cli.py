@@ -236,14 +236,15 @@ def launch(
     quiet_libraries()
 
     def go():
-        import torch
-
+        from .hardware import detect
         from .launch import Topology, accelerate_args, plan_launch, render_command, run_accelerate
         r = _load(recipe, set_)
-        on_gpu = (hardware not in (None, "cpu") or vram is not None) or (
-            hardware is None and torch.cuda.is_available() and r.training.device != "cpu")
+        # No CUDA context in this process (it stays alive for the whole run): GPUs are counted through NVML.
+        here = None if hardware is not None or vram is not None else detect(
+            force_cpu=r.training.device == "cpu", free_memory=True)
+        on_gpu = (hardware not in (None, "cpu") or vram is not None) or (here is not None and here.kind == "cuda")
         per_node = gpus or (
-            torch.cuda.device_count() if on_gpu and hardware is None and vram is None
+            len(here.gpus) if on_gpu and here is not None
             else None if on_gpu else (2 if strategy not in ("auto", "single") else 1))
         lp = plan_launch(r, strategy, per_node, nodes, hardware, vram)
         chosen, why, hw, out = lp.strategy, lp.why, lp.hw, lp.plan

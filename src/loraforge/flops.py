@@ -9,7 +9,7 @@ Model FLOPs per real (non-padding) token of one LoRA training step, from the arc
 Padding and recomputation (gradient checkpointing) are not model FLOPs: MFU = model FLOPs per token x
 real tokens per second / peak FLOP/s, so wasted work shows as lower MFU.
 
-The peak: on a GPU the dense bf16/fp16 tensor-core figure of its datasheet; on the CPU it is measured,
+The peak: on a GPU the dense bf16/fp16 tensor-core figure (FP32 accumulate) of its datasheet; on the CPU it is measured,
 the best of a few fp32 matrix multiplications on all threads (the CPU trains in fp32), over several
 rounds right after the run and kept as the best this process ever measured (a peak is a maximum: a
 measurement at a busy moment can only be too low). An MFU above 100% cannot be true: it means the peak
@@ -19,11 +19,27 @@ uncertain instead (`checked_mfu`).
 
 from __future__ import annotations
 
+import re
 import time
 
-# Dense bf16/fp16 tensor-core peaks (TFLOP/s) by GPU name fragment.
-GPU_PEAK_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "A10": 125.0, "L40": 181.0, "L4": 121.0,
-                   "4090": 165.0, "3090": 71.0, "3060": 51.0, "V100": 125.0, "T4": 65.0}
+# Dense (no sparsity) bf16/fp16 tensor-core peaks in TFLOP/s with FP32 accumulation, as training runs (GeForce
+# cards run FP32-accumulate at half their FP16-accumulate rate: RTX 3060 = 28 SMs x 4 tensor cores x 128 FLOP/clk
+# x 1.777 GHz = 25.5, not the 51 of the FP16-accumulate line). Matched as whole words, most specific first, so
+# "L40S" is not "L40" and "H100 PCIe" is not the SXM part; names not here fall back to trl's table.
+GPU_PEAK_TFLOPS: tuple[tuple[str, float], ...] = (
+    ("H200 NVL", 835.0), ("H200", 989.0),
+    ("H100 NVL", 835.0), ("H100 PCIe", 756.0), ("H100", 989.0),  # "NVIDIA H100 80GB HBM3" is the SXM part
+    ("A100", 312.0), ("A6000", 154.8), ("A10G", 125.0), ("A10", 125.0),
+    ("L40S", 362.0), ("L40", 181.0), ("L4", 121.0),
+    ("V100", 125.0), ("T4", 65.0),  # fp16 (no bf16 before Ampere)
+    ("4090", 165.2), ("4080", 97.5),
+    ("3090 Ti", 80.0), ("3090", 71.2), ("3080 Ti", 68.2), ("3080", 59.5), ("3070", 40.6),
+    ("3060 Ti", 32.4), ("3060", 25.5),
+)
+
+
+def _matches(fragment: str, name: str) -> bool:
+    return re.search(rf"(?<![\w]){re.escape(fragment.casefold())}(?![\w])", name.casefold()) is not None
 
 
 def mean_attended(lengths: list[int]) -> float:
@@ -80,8 +96,15 @@ def checked_mfu(tokens_per_second, flops_per_token, peak, devices: int, source: 
 
 
 def gpu_peak_flops(name: str) -> float | None:
-    tflops = next((v for k, v in GPU_PEAK_TFLOPS.items() if k in name), None)
-    return None if tflops is None else tflops * 1e12
+    """Dense bf16/fp16 (FP32-accumulate) peak FLOP/s of the GPU called `name` (torch.cuda.get_device_name), or None."""
+    tflops = next((v for k, v in GPU_PEAK_TFLOPS if _matches(k, name)), None)
+    if tflops is not None:
+        return tflops * 1e12
+    try:  # trl keeps a table too (TorchTitan's figures: B200, GB200, MI300X, ...)
+        from trl.trainer.utils import get_peak_flops
+    except ImportError:
+        return None
+    return get_peak_flops(name, "bfloat16") or get_peak_flops(name, "float16")
 
 
 def device_peak(hw) -> tuple[float | None, str]:

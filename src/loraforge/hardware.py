@@ -15,7 +15,7 @@ class Gpu:
     name: str
     total_gib: float
     capability: tuple[int, int]
-    free_gib: float | None = None  # measured only when asked (`loraforge env` / `plan`): it opens a CUDA context
+    free_gib: float | None = None  # measured only when asked (`loraforge env` / `plan` / `launch`), through NVML
 
     @property
     def bf16(self) -> bool:
@@ -100,30 +100,200 @@ def _ram_gib() -> float:
         return 0.0
 
 
-def _free_gib(torch, i: int) -> float | None:
-    try:
-        return torch.cuda.mem_get_info(i)[0] / 2**30
-    except RuntimeError:
+# ------------------------------------------------------------------ GPUs without a CUDA context in this process
+# `loraforge launch` / `plan` / `env` measure free memory and then (launch) stay alive for the whole run: a
+# torch.cuda.mem_get_info there would hold a CUDA context (hundreds of MiB) on every GPU the training uses. NVML
+# reads the same numbers with no context; without NVML a short-lived child process measures them.
+
+
+class Nvml:
+    """The few NVML calls needed, through ctypes on libnvidia-ml (the driver's library; no Python package)."""
+
+    def __init__(self, lib):
+        self.lib = lib
+
+    @classmethod
+    def load(cls) -> "Nvml | None":
+        import ctypes
+
+        for name in ("libnvidia-ml.so.1", "libnvidia-ml.so", "nvml.dll"):
+            try:
+                lib = ctypes.CDLL(name)
+            except OSError:
+                continue
+            init = getattr(lib, "nvmlInit_v2", None) or getattr(lib, "nvmlInit", None)
+            if init is not None and init() == 0:
+                return cls(lib)
         return None
+
+    def _handle(self, i: int):
+        import ctypes
+
+        h = ctypes.c_void_p()
+        self._check(self.lib.nvmlDeviceGetHandleByIndex_v2(ctypes.c_uint(i), ctypes.byref(h)))
+        return h
+
+    @staticmethod
+    def _check(rc: int) -> None:
+        if rc != 0:
+            raise OSError(f"NVML error {rc}")
+
+    def count(self) -> int:
+        import ctypes
+
+        n = ctypes.c_uint()
+        self._check(self.lib.nvmlDeviceGetCount_v2(ctypes.byref(n)))
+        return n.value
+
+    def name(self, i: int) -> str:
+        import ctypes
+
+        buf = ctypes.create_string_buffer(96)
+        self._check(self.lib.nvmlDeviceGetName(self._handle(i), buf, ctypes.c_uint(96)))
+        return buf.value.decode(errors="replace")
+
+    def memory(self, i: int) -> tuple[int, int]:
+        """(total, free) bytes; total without the driver's reserve where NVML says it (v2), as CUDA reports it."""
+        import ctypes
+
+        class MemoryV2(ctypes.Structure):
+            _fields_ = [("version", ctypes.c_uint), ("total", ctypes.c_ulonglong), ("reserved", ctypes.c_ulonglong),
+                        ("free", ctypes.c_ulonglong), ("used", ctypes.c_ulonglong)]
+
+        class Memory(ctypes.Structure):
+            _fields_ = [("total", ctypes.c_ulonglong), ("free", ctypes.c_ulonglong), ("used", ctypes.c_ulonglong)]
+
+        v2 = getattr(self.lib, "nvmlDeviceGetMemoryInfo_v2", None)
+        if v2 is not None:
+            m2 = MemoryV2(version=ctypes.sizeof(MemoryV2) | (2 << 24))
+            if v2(self._handle(i), ctypes.byref(m2)) == 0:
+                return m2.total - m2.reserved, m2.free
+        m = Memory()
+        self._check(self.lib.nvmlDeviceGetMemoryInfo(self._handle(i), ctypes.byref(m)))
+        return m.total, m.free
+
+    def capability(self, i: int) -> tuple[int, int]:
+        import ctypes
+
+        major, minor = ctypes.c_int(), ctypes.c_int()
+        self._check(self.lib.nvmlDeviceGetCudaComputeCapability(self._handle(i), ctypes.byref(major), ctypes.byref(minor)))
+        return major.value, minor.value
+
+    def close(self) -> None:
+        try:
+            self.lib.nvmlShutdown()
+        except (AttributeError, OSError):
+            pass
+
+
+def visible_indices(count: int, environ=None) -> list[int] | None:
+    """The NVML indices CUDA will see, in CUDA's order (CUDA_VISIBLE_DEVICES), or None when it names devices by
+    UUID/MIG id (then NVML indices cannot be mapped here: measure in a child process)."""
+    env = os.environ if environ is None else environ
+    spec = env.get("CUDA_VISIBLE_DEVICES")
+    if spec is None:
+        return list(range(count))
+    out = []
+    for item in spec.split(","):
+        item = item.strip()
+        if not item:
+            break
+        if not item.lstrip("-").isdigit():
+            return None
+        i = int(item)
+        if i < 0 or i >= count:  # CUDA stops at the first invalid entry
+            break
+        out.append(i)
+    return out
+
+
+def gpus_from_nvml(nvml, environ=None) -> tuple[Gpu, ...] | None:
+    """The visible GPUs with free memory, read through NVML (pure over the `nvml` object); None: cannot map."""
+    idx = visible_indices(nvml.count(), environ)
+    if idx is None:
+        return None
+    gpus = []
+    for i in idx:
+        total, free = nvml.memory(i)
+        gpus.append(Gpu(name=nvml.name(i), total_gib=total / 2**30, capability=tuple(nvml.capability(i)),
+                        free_gib=free / 2**30))
+    return tuple(gpus)
+
+
+_CHILD = """import json, torch
+out = []
+if torch.cuda.is_available():
+    for i in range(torch.cuda.device_count()):
+        p = torch.cuda.get_device_properties(i)
+        free, total = torch.cuda.mem_get_info(i)
+        out.append({"name": torch.cuda.get_device_name(i), "total_gib": total / 2**30,
+                    "capability": list(torch.cuda.get_device_capability(i)), "free_gib": free / 2**30})
+print(json.dumps(out))
+"""
+
+
+def gpus_from_child(timeout: float = 120) -> tuple[Gpu, ...] | None:
+    """Measure in a child process (its CUDA context ends with it); None if the child fails."""
+    import json
+    import subprocess
+    import sys
+
+    try:
+        proc = subprocess.run([sys.executable, "-c", _CHILD], capture_output=True, text=True, timeout=timeout)
+        rows = json.loads(proc.stdout.strip().splitlines()[-1]) if proc.returncode == 0 else None
+    except (OSError, subprocess.TimeoutExpired, ValueError, IndexError):
+        return None
+    if rows is None:
+        return None
+    return tuple(Gpu(r["name"], r["total_gib"], tuple(r["capability"]), r["free_gib"]) for r in rows)
+
+
+def _cuda_build() -> bool:
+    """Could torch here use a GPU at all (a CUDA/ROCm build)? Importing torch opens no CUDA context."""
+    import torch
+
+    return bool(getattr(torch.version, "cuda", None) or getattr(torch.version, "hip", None))
+
+
+def local_gpus_without_context(load_nvml=None, child=None, cuda_build=None) -> tuple[tuple[Gpu, ...], str]:
+    """(GPUs with free memory, how they were measured: "nvml", "child process" or "none"), opening no CUDA
+    context in this process: NVML, else a child process (only with a CUDA build of torch), else no GPU."""
+    load_nvml, child, cuda_build = load_nvml or Nvml.load, child or gpus_from_child, cuda_build or _cuda_build
+    nvml = load_nvml()
+    if nvml is not None:
+        try:
+            gpus = gpus_from_nvml(nvml)
+        except OSError:
+            gpus = None
+        finally:
+            nvml.close()
+        if gpus is not None:
+            return gpus, "nvml"
+    gpus = child() if cuda_build() else None
+    if gpus is not None:
+        return gpus, "child process"
+    return (), "none"
 
 
 def detect(force_cpu: bool = False, free_memory: bool = False) -> Hardware:
-    """This machine. `free_memory` also measures each GPU's free memory (opens a CUDA context on every GPU,
-    so training processes do not ask for it)."""
-    import torch
-
+    """This machine. `free_memory` (launcher, `plan`, `env`) also measures each GPU's free memory, without a
+    CUDA context in this process (NVML, else a child process); training processes do not ask for it."""
     topo = process_topology()
     gpus: tuple[Gpu, ...] = ()
-    if not force_cpu and torch.cuda.is_available():
-        gpus = tuple(
-            Gpu(
-                name=torch.cuda.get_device_name(i),
-                total_gib=torch.cuda.get_device_properties(i).total_memory / 2**30,
-                capability=torch.cuda.get_device_capability(i),
-                free_gib=_free_gib(torch, i) if free_memory else None,
+    if not force_cpu and free_memory:
+        gpus, _how = local_gpus_without_context()
+    elif not force_cpu:
+        import torch
+
+        if torch.cuda.is_available():
+            gpus = tuple(
+                Gpu(
+                    name=torch.cuda.get_device_name(i),
+                    total_gib=torch.cuda.get_device_properties(i).total_memory / 2**30,
+                    capability=torch.cuda.get_device_capability(i),
+                )
+                for i in range(torch.cuda.device_count())
             )
-            for i in range(torch.cuda.device_count())
-        )
     strategy = None
     if topo["world_size"] > 1:
         try:

@@ -28,8 +28,18 @@ _CONFIG = {
 SHARDS_BASE = ("fsdp", "zero3", "zero3-offload")
 
 
-def choose_strategy(requested: str, world_size: int, quantized: bool, fits_replicated: bool | None = None) -> tuple[str, str]:
-    """(strategy, why). `fits_replicated`: does the whole base + a step fit on one device (the plan's verdict)."""
+def quant_mode(quantized: bool | str) -> str:
+    """The recipe's quantization.mode ("none", "4bit", "8bit"); a bare bool means none / 4-bit."""
+    if isinstance(quantized, str):
+        return quantized
+    return "4bit" if quantized else "none"
+
+
+def choose_strategy(requested: str, world_size: int, quantized: bool | str,
+                    fits_replicated: bool | None = None) -> tuple[str, str]:
+    """(strategy, why). `quantized`: quantization.mode (or a bool: 4-bit or not). `fits_replicated`: does the
+    whole base + a step fit on one device (the plan's verdict)."""
+    mode = quant_mode(quantized)
     if requested != "auto":
         if requested not in STRATEGIES:
             raise UserError(f"--strategy {requested}: use one of auto, {', '.join(STRATEGIES)}")
@@ -41,13 +51,27 @@ def choose_strategy(requested: str, world_size: int, quantized: bool, fits_repli
         return "single", "one process"
     if fits_replicated is None or fits_replicated:
         return "ddp", "the model fits on one device: replicate it (DDP)"
-    if quantized:
+    if mode == "8bit":
+        raise UserError(
+            "the 8-bit base does not fit on one device, and an 8-bit base cannot be sharded (FSDP needs 4-bit, "
+            "ZeRO-3 no quantization): set quantization.mode: 4bit (FSDP + QLoRA) or none (ZeRO-3), or use larger GPUs"
+        )
+    if mode != "none":
         return "fsdp", "the quantized base does not fit on one device: shard it with FSDP (QLoRA-compatible)"
     return "zero3", "the base does not fit on one device: shard weights, gradients and optimizer with ZeRO-3"
 
 
-def check_supported(strategy: str, quantized: bool) -> None:
-    if quantized and strategy in ("zero3", "zero3-offload"):
+def check_supported(strategy: str, quantized: bool | str) -> None:
+    """Refuse, in one line, the strategy/quantization pairs peft, bitsandbytes and DeepSpeed cannot train."""
+    mode = quant_mode(quantized)
+    if mode == "8bit" and strategy == "fsdp":
+        # bitsandbytes' Int8Params hold int8 data with a separate scale (SCB) that FSDP cannot flatten/shard;
+        # only 4-bit weights stored in a float dtype (bnb_4bit_quant_storage) shard (LLaMA-Factory allows 4-bit only).
+        raise UserError(
+            "strategy fsdp with an 8-bit base (quantization.mode: 8bit) is not supported: FSDP shards only 4-bit "
+            "bases; set quantization.mode: 4bit (FSDP + QLoRA), or use --strategy ddp (8-bit, replicated)"
+        )
+    if mode != "none" and strategy in ("zero3", "zero3-offload"):
         raise UserError(
             f"strategy {strategy} with a quantized (QLoRA) base is not supported by peft/DeepSpeed; "
             "use --strategy fsdp (FSDP + QLoRA) or quantization.mode: none"
@@ -125,6 +149,11 @@ def accelerate_args(
         ds = shipped_dir("accelerate_configs") / "deepspeed" / f"{_CONFIG[strategy]}.json"
         args += ["--use_deepspeed", "--deepspeed_config_file", str(ds), "--zero3_init_flag",
                  "true" if strategy != "zero2" else "false"]
+        if topo.nodes > 1:
+            # Without it accelerate runs `deepspeed --hostfile None --launcher pdsh`: DeepSpeed's runner finds no
+            # hostfile and starts a local-only job with master 127.0.0.1 on every node (runner.py). `standard`
+            # starts torchrun on each node with this node's rank and the static rendezvous above: one world.
+            args += ["--deepspeed_multinode_launcher", "standard"]
     else:
         # DeepSpeed's JSON takes accumulation from the Trainer ("auto"); for the others tell accelerate too.
         args += ["--gradient_accumulation_steps", str(gradient_accumulation_steps)]
@@ -138,13 +167,45 @@ def render_command(args: list[str]) -> str:
     return "accelerate launch " + " ".join(shlex.quote(a) for a in args)
 
 
+CONFIG_ENV = "LORAFORGE_ACCELERATE_CONFIG"  # the accelerate config file the launcher used (read back by launch_record)
+
+
 def run_accelerate(args: list[str]) -> None:
     """Start the processes with accelerate's launcher, in this process (as `accelerate launch` would)."""
     from accelerate.commands.launch import launch_command, launch_command_parser
 
-    if "--config_file" in args:  # each rank records which shipped config started it (plan.json)
-        os.environ["LORAFORGE_ACCELERATE_CONFIG"] = Path(args[args.index("--config_file") + 1]).name
+    if "--config_file" in args:  # accelerate hands its environment to the ranks: each records its config
+        os.environ[CONFIG_ENV] = Path(args[args.index("--config_file") + 1]).name
     launch_command(launch_command_parser().parse_args(args))
+
+
+def launch_record(accelerator, hw, environ=None) -> dict:
+    """What really ran, as the training process sees it (plan.json's `launch`): accelerate's distributed type (DEEPSPEED,
+    FSDP, MULTI_CPU, ...) and ZeRO stage, the world, and the accelerate config the launcher named."""
+    env = os.environ if environ is None else environ
+    state = accelerator.state
+    ds = getattr(state, "deepspeed_plugin", None)
+    zero = (ds.deepspeed_config or {}).get("zero_optimization", {}) if ds is not None else {}
+    return {
+        "accelerate_config": env.get(CONFIG_ENV),
+        "distributed_type": str(accelerator.distributed_type).split(".")[-1],
+        "world_size": accelerator.num_processes,
+        "num_nodes": hw.num_nodes,
+        "zero_stage": getattr(ds, "zero_stage", zero.get("stage")) if ds is not None else None,
+        "offload_optimizer": (zero.get("offload_optimizer") or {}).get("device") if ds is not None else None,
+        "offload_param": (zero.get("offload_param") or {}).get("device") if ds is not None else None,
+        "strategy": hw.strategy or ("ddp" if hw.world_size > 1 else "single"),
+    }
+
+
+def check_launched(record: dict) -> None:
+    """Stop (every rank, before training) when accelerate runs something else than the strategy launched: e.g.
+    ACCELERATE_USE_CPU=1 makes AcceleratorState(cpu=True) skip DeepSpeed (state.py: `... == "true" and not cpu`)
+    and train ZeRO jobs as plain MULTI_CPU DDP, silently."""
+    strategy, got = record.get("strategy"), record.get("distributed_type")
+    if strategy and strategy.startswith("zero") and got != "DEEPSPEED":
+        hint = "; unset ACCELERATE_USE_CPU (it turns DeepSpeed off)" if os.environ.get("ACCELERATE_USE_CPU") else ""
+        raise UserError(f"launched for {strategy} (DeepSpeed), but accelerate set up {got}{hint}")
 
 
 @dataclass
@@ -168,7 +229,7 @@ def plan_launch(recipe, strategy: str, per_node: int | None, nodes: int, hardwar
         return hw, planview.build(recipe, hw)
 
     hw, out = plan_for("ddp" if strategy == "auto" else strategy)
-    chosen, why = choose_strategy(strategy, hw.world_size, recipe.quantization.mode != "none",
+    chosen, why = choose_strategy(strategy, hw.world_size, recipe.quantization.mode,
                                   fits_replicated=out.get("fits"))
     if chosen != out.get("strategy"):
         hw, out = plan_for(chosen)

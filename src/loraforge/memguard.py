@@ -59,8 +59,52 @@ def _any_rank(flag: bool) -> bool:
     return bool(t.item())
 
 
-def _probe(trainer, micro: int, seq: int, vocab: int, pad_id: int, checkpointing: bool, rank: int) -> None:
-    """One forward + backward of the largest batch the plan allows, with no collective inside."""
+# Allocation failures that are not torch.OutOfMemoryError: torch raises RuntimeError for cuBLAS / cuDNN handles and
+# workspaces and for asynchronous CUDA errors; bitsandbytes' kernels report CUDA's "out of memory" string.
+_OOM_MESSAGES = (
+    "CUBLAS_STATUS_ALLOC_FAILED",  # "CUDA error: CUBLAS_STATUS_ALLOC_FAILED when calling `cublasCreate(handle)`"
+    "CUDNN_STATUS_ALLOC_FAILED",
+    "CUBLAS ERROR: Status 3",  # bitsandbytes' cuBLAS(Lt) check: status 3 = CUBLAS_STATUS_ALLOC_FAILED
+    "CUDA error: out of memory",  # asynchronous form (no trailing period: accelerate's " out of memory." misses it)
+    "cudaErrorMemoryAllocation",
+    "CUDA_ERROR_OUT_OF_MEMORY",
+    "Error out of memory",  # bitsandbytes: "Error %s at line %d in file %s" with cudaGetErrorString
+)
+
+
+def is_out_of_memory(exc: BaseException) -> bool:
+    """Is this exception an out-of-memory, whatever type it arrives as? torch.OutOfMemoryError; the messages
+    accelerate's `should_reduce_batch_size` matches (CUDA/XPU/MPS/CPU allocators); cuBLAS / cuDNN / bitsandbytes
+    allocation failures, which arrive as plain RuntimeError."""
+    import torch
+
+    if isinstance(exc, torch.OutOfMemoryError):
+        return True
+    if not isinstance(exc, RuntimeError):
+        return False
+    from accelerate.utils.memory import should_reduce_batch_size
+
+    if should_reduce_batch_size(exc):
+        return True
+    text = " ".join(str(a) for a in exc.args)
+    return any(m in text for m in _OOM_MESSAGES)
+
+
+def training_state_bytes(trainable_numel: int, param_bytes: int, optimizer: str, world_size: int,
+                         strategy: str) -> int:
+    """Bytes a real training step holds beside what one forward + backward allocates: the optimizer's state
+    (AdamW: 2 moments per trainable weight; 8-bit optimizers: 1 byte each; SGD/Adafactor: ~none) and, under DDP
+    with several processes, the gradient buckets (a flat copy of every trainable gradient, all-reduced in place)."""
+    per = {"adamw_torch": 2 * param_bytes, "adamw_torch_fused": 2 * param_bytes, "paged_adamw_32bit": 2 * param_bytes,
+           "adamw_8bit": 2, "paged_adamw_8bit": 2, "adafactor": 0, "sgd": 0}.get(optimizer, 2 * param_bytes)
+    buckets = trainable_numel * param_bytes if strategy == "ddp" and world_size > 1 else 0
+    return trainable_numel * per + buckets
+
+
+def _probe(trainer, micro: int, seq: int, vocab: int, pad_id: int, checkpointing: bool, rank: int,
+           reserve_bytes: int = 0) -> None:
+    """One forward + backward of the largest batch the plan allows, with no collective inside, while holding
+    `reserve_bytes` for what the real step also holds (optimizer state, DDP buckets: training_state_bytes)."""
     import torch
 
     model = trainer.model
@@ -68,6 +112,7 @@ def _probe(trainer, micro: int, seq: int, vocab: int, pad_id: int, checkpointing
     if checkpointing and not getattr(base, "is_activation_checkpointing", False):
         base.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     device = next(p.device for p in model.parameters())
+    reserve = torch.empty(reserve_bytes, dtype=torch.uint8, device=device) if reserve_bytes else None  # noqa: F841
     g = torch.Generator().manual_seed(0)
     ids = torch.randint(0, vocab, (micro, seq), generator=g).to(device)
     mask = torch.ones_like(ids)
@@ -125,12 +170,17 @@ def preflight(trainer, plan, hw, pad_id: int | None, run_dir: Path | None = None
     batch = plan.batch
     world, micro = batch.world_size, batch.micro_batch_size
     share = batch.micro_batch_size * batch.gradient_accumulation_steps
+    trainable = [p for p in trainer.model.parameters() if p.requires_grad]
+    reserve = training_state_bytes(sum(p.numel() for p in trainable), trainable[0].element_size() if trainable else 4,
+                                   str(getattr(getattr(trainer.args, "optim", None), "value", None) or "adamw_torch"), world, plan.strategy)
     attempts = []
     while True:
         oom = False
         try:
-            _probe(trainer, micro, plan.max_seq_length, vocab, pad_id, plan.gradient_checkpointing, hw.rank)
-        except torch.OutOfMemoryError as e:
+            _probe(trainer, micro, plan.max_seq_length, vocab, pad_id, plan.gradient_checkpointing, hw.rank, reserve)
+        except (torch.OutOfMemoryError, RuntimeError) as e:
+            if not is_out_of_memory(e):
+                raise
             oom = True
             log.warning("rank %d: out of memory at micro-batch %d (%s)", hw.rank, micro, str(e).splitlines()[0][:120])
         _cleanup(trainer.model)

@@ -24,6 +24,9 @@ MIB = 2**20
 
 @dataclass(frozen=True)
 class ModelShape:
+    """The parameter inventory of a decoder-only causal LM (arch.py reads it from config.json). The defaults are a
+    Llama layer: q/k/v/o + gate/up/down, two RMSNorms, full causal attention."""
+
     model_type: str
     hidden: int
     layers: int
@@ -36,9 +39,27 @@ class ModelShape:
     qkv_bias: bool = False
     max_positions: int | None = None
     name: str = ""
+    # nn.Linear layers of one decoder layer as (short name, in_features, out_features); () = the Llama seven
+    layer_linears: tuple = ()
+    bias_params: int | None = None  # bias elements per layer (None: q/k/v biases when qkv_bias)
+    norms_per_layer: int = 2  # hidden-width RMSNorms per layer (Gemma-2/3: 4)
+    qk_norm: bool = False  # per-head RMSNorm on queries and keys (Qwen3, Gemma-3)
+    experts: int = 0  # mixture of experts: experts per layer (3-D parameters, not nn.Linear), top-k, width
+    experts_per_token: int = 0
+    expert_intermediate: int = 0
+    router_params: int = 0
+    sliding_window: int | None = None  # layers with sliding-window attention, and the window
+    sliding_layers: int = 0
+    eager_only: bool = False  # transformers has no SDPA path (Gemma-2: attention soft-capping)
+    attn_softcap: bool = False
+    rope_sets: int = 1  # rotary tables per forward (Gemma-3: local and global)
+    total_params_exact: int | None = None  # from the meta build, when it counts more than the inventory
+    source: str = "rules"  # rules (family rules) or meta (the transformers class on the meta device)
+    config: dict | None = field(default=None, compare=False, hash=False, repr=False)  # raw config.json, for the trace
 
-    # nn.Linear layers of one decoder layer: short name -> (in_features, out_features)
     def linears(self) -> dict[str, tuple[int, int]]:
+        if self.layer_linears:
+            return {n: (i, o) for n, i, o in self.layer_linears}
         h, q, kv = self.hidden, self.heads * self.head_dim, self.kv_heads * self.head_dim
         return {
             "q_proj": (h, q),
@@ -51,8 +72,21 @@ class ModelShape:
         }
 
     @property
+    def moe(self) -> bool:
+        return self.experts > 0
+
+    @property
+    def mlp_width(self) -> int:
+        """The width of the MLP's hidden activations per token: the dense MLP's, or top-k experts' together."""
+        return self.experts_per_token * self.expert_intermediate if self.moe else self.intermediate
+
+    @property
     def linear_params_per_layer(self) -> int:
         return sum(i * o for i, o in self.linears().values())
+
+    @property
+    def expert_params_per_layer(self) -> int:
+        return self.experts * 3 * self.hidden * self.expert_intermediate
 
     @property
     def embedding_params(self) -> int:
@@ -60,20 +94,30 @@ class ModelShape:
 
     @property
     def other_params(self) -> int:
-        """Norm weights and biases: everything that is neither a decoder linear nor an embedding."""
-        bias = (self.heads + 2 * self.kv_heads) * self.head_dim if self.qkv_bias else 0
-        return self.layers * (2 * self.hidden + bias) + self.hidden
+        """Norm weights, biases, routers: everything that is neither a decoder linear, an expert nor an embedding."""
+        if self.bias_params is None:
+            bias = (self.heads + 2 * self.kv_heads) * self.head_dim if self.qkv_bias else 0
+        else:
+            bias = self.bias_params
+        qk = 2 * self.head_dim if self.qk_norm else 0
+        per_layer = self.norms_per_layer * self.hidden + bias + qk + self.router_params
+        counted = self.layers * (per_layer + self.linear_params_per_layer + self.expert_params_per_layer) + \
+            self.embedding_params * (1 if self.tied else 2) + self.hidden
+        extra = (self.total_params_exact - counted) if self.total_params_exact else 0
+        return self.layers * per_layer + self.hidden + extra
 
     @property
     def total_params(self) -> int:
         emb = self.embedding_params * (1 if self.tied else 2)
-        return self.layers * self.linear_params_per_layer + emb + self.other_params
+        return self.layers * (self.linear_params_per_layer + self.expert_params_per_layer) + emb + self.other_params
 
     def lora_params(self, r: int, targets) -> int:
         return self.layers * sum(r * (i + o) for n, (i, o) in self.linears().items() if _targeted(n, targets))
 
     def config_kwargs(self) -> dict:
         """Keyword arguments for transformers' config class of this architecture (used by the trace)."""
+        if self.config is not None:
+            return {k: v for k, v in self.config.items() if k not in ("model_type", "architectures", "auto_map")}
         kw = dict(
             hidden_size=self.hidden,
             num_hidden_layers=self.layers,
@@ -94,40 +138,18 @@ def _targeted(name: str, targets) -> bool:
     return targets == "all-linear" or name in targets
 
 
-SUPPORTED_TYPES = ("llama", "qwen2", "mistral")
-
-
 def shape_from_config(cfg: dict, name: str = "") -> ModelShape:
-    """A ModelShape from a config.json dict (Llama-family decoders: llama, qwen2, mistral)."""
-    from .errors import UserError
+    """A ModelShape from a config.json dict: any decoder-only causal LM transformers ships (arch.inventory);
+    UserError (one line: why, and what to set by hand) for what cannot be planned."""
+    from .arch import inventory
 
-    mt = cfg.get("model_type", "")
-    if "text_config" in cfg and isinstance(cfg["text_config"], dict):
-        return shape_from_config(cfg["text_config"] | {"model_type": cfg["text_config"].get("model_type", mt)}, name)
-    if mt not in SUPPORTED_TYPES:
-        raise UserError(
-            f"model config: the memory model knows {', '.join(SUPPORTED_TYPES)} architectures, not '{mt}'; "
-            "set training.micro_batch_size / gradient_accumulation_steps / gradient_checkpointing by hand"
-        )
-    try:
-        hidden, heads = int(cfg["hidden_size"]), int(cfg["num_attention_heads"])
-        shape = ModelShape(
-            model_type=mt,
-            hidden=hidden,
-            layers=int(cfg["num_hidden_layers"]),
-            heads=heads,
-            kv_heads=int(cfg.get("num_key_value_heads") or heads),
-            head_dim=int(cfg.get("head_dim") or hidden // heads),
-            intermediate=int(cfg["intermediate_size"]),
-            vocab=int(cfg["vocab_size"]),
-            # transformers' defaults: Llama and Qwen2 configs untie unless told otherwise
-            tied=bool(cfg.get("tie_word_embeddings", False)),
-            qkv_bias=mt == "qwen2" or bool(cfg.get("attention_bias", False)),
-            max_positions=cfg.get("max_position_embeddings"),
-            name=name,
-        )
-    except KeyError as e:
-        raise UserError(f"model config: config.json has no {e.args[0]}; is it a causal language model?") from None
+    inv = dict(inventory(cfg, name))
+    total = inv.pop("total_params", None)
+    inv["layer_linears"] = tuple(tuple(x) for x in inv["layer_linears"])
+    text = cfg["text_config"] if isinstance(cfg.get("text_config"), dict) and "hidden_size" not in cfg else cfg
+    shape = ModelShape(**inv, config=text)
+    if total is not None:
+        shape = replace(shape, total_params_exact=int(total))
     return shape
 
 
@@ -250,11 +272,35 @@ def _opt_state_bytes(optimizer: str, n: int, param_bytes: int) -> tuple[int, int
     return 0, 0  # sgd without momentum
 
 
-def _layer_saved_per_token(shape: ModelShape, s: TrainSetup, act: int, comp: int, cuda: bool) -> float:
-    """Bytes one decoder layer keeps for backward, per token, without checkpointing."""
-    h, q, kv, inter = shape.hidden, shape.heads * shape.head_dim, shape.kv_heads * shape.head_dim, shape.intermediate
+_SHARED_INPUT = {"q_proj": "attn_in", "k_proj": "attn_in", "v_proj": "attn_in", "qkv_proj": "attn_in",
+                 "gate_proj": "mlp_in", "up_proj": "mlp_in", "gate_up_proj": "mlp_in"}
+
+
+def _attention_layout(shape: ModelShape, s: TrainSetup) -> tuple[int, int]:
+    """(layers whose attention gets a (B, 1, S, S) mask, boolean masks built per forward). A mask comes with
+    padding, and on sliding-window layers whenever the sequence is longer than the window."""
+    sliding = shape.sliding_layers if shape.sliding_window and s.attn != "flash_attention_2" else 0
+    sliding_masked = sliding if (s.padded or s.seq_len > (shape.sliding_window or 0)) else 0
+    full_masked = (shape.layers - sliding) if s.padded else 0
+    return sliding_masked + full_masked, int(sliding_masked > 0) + int(full_masked > 0)
+
+
+def _layer_saved_per_token(shape: ModelShape, s: TrainSetup, act: int, comp: int, cuda: bool,
+                           masked: bool | None = None) -> float:
+    """Bytes one decoder layer keeps for backward, per token, without checkpointing (`masked`: its attention has a
+    (B, 1, S, S) mask; None: the share of the layers that have one)."""
+    if masked is None:
+        n_masked, _ = _attention_layout(shape, s)
+        if 0 < n_masked < shape.layers:
+            f = n_masked / shape.layers
+            return f * _layer_saved_per_token(shape, s, act, comp, cuda, True) + \
+                (1 - f) * _layer_saved_per_token(shape, s, act, comp, cuda, False)
+        masked = n_masked > 0
+    h, q, kv = shape.hidden, shape.heads * shape.head_dim, shape.kv_heads * shape.head_dim
     lin = shape.linears()
-    total = 2 * (4 * h + 4)  # two RMSNorms keep their fp32 input and 1/rms
+    total = shape.norms_per_layer * (4 * h + 4)  # each RMSNorm keeps its fp32 input and 1/rms
+    if shape.qk_norm:  # per-head RMSNorms on q and k keep their fp32 inputs and 1/rms
+        total += 4 * (q + kv) + 4 * (shape.heads + shape.kv_heads)
     dropout = s.lora_dropout > 0
     shared_inputs = set()
     for name, (d_in, _) in lin.items():
@@ -267,22 +313,39 @@ def _layer_saved_per_token(shape: ModelShape, s: TrainSetup, act: int, comp: int
         elif comp == 2:
             total += comp * d_in  # peft casts x to the adapter's fp32, autocast back to bf16: a copy per module
         else:
-            group = "attn_in" if name in ("q_proj", "k_proj", "v_proj") else "mlp_in" if name in ("gate_proj", "up_proj") else name
+            group = _SHARED_INPUT.get(name, name)
             if group not in shared_inputs:  # fp32 without dropout: lora_A keeps x itself, shared by q/k/v, gate/up
                 shared_inputs.add(group)
                 total += comp * d_in
     # attention: q, k, v, the output and the log-sum-exp (flash / memory-efficient kernels)
-    if s.attn == "eager":
-        total += comp * (q + 2 * q + q) + (4 + comp) * shape.heads * s.seq_len
-    elif s.padded:
-        # a padding mask: transformers repeats k/v for the heads (no enable_gqa with a mask), and SDPA turns the
+    if s.attn == "eager" or shape.eager_only:
+        # eager: k/v repeated per head, the (S x S) scores per head: softmax in fp32, cast back; soft-capping
+        # (Gemma-2) keeps the tanh output as well
+        total += comp * (q + 2 * q + q) + (4 + comp + (comp if shape.attn_softcap else 0)) * shape.heads * s.seq_len
+    elif masked:
+        # a mask: transformers repeats k/v for the heads (no enable_gqa with a mask), and SDPA turns the
         # boolean mask into an additive one in the compute dtype per layer, which the backward keeps
         total += comp * (4 * q) + 4 * shape.heads + comp * s.seq_len
     else:
         total += comp * (2 * q + 2 * kv) + 4 * shape.heads
-    # MLP: SiLU input, SiLU output and the up projection (in the residual stream's dtype)
-    total += 3 * act * inter
+    if "qkv_proj" in lin:  # fused q/k/v: v is a view of the fused output, which it keeps alive whole
+        total += comp * (q + kv)
+    if shape.moe:
+        total += _moe_saved_per_token(shape, act, comp)
+    else:
+        # MLP: activation input, activation output and the up projection (in the residual stream's dtype)
+        total += 3 * act * shape.intermediate
     return total
+
+
+def _moe_saved_per_token(shape: ModelShape, act: int, comp: int) -> float:
+    """A mixture-of-experts block (transformers 5 grouped_mm experts), per token: the router's fp32 softmax and
+    top-k, and for each of the top-k experts its gate/up output, activation output, and the down output kept by
+    the routing-weight multiply (the frozen experts need no saved input)."""
+    e, k, i, h = shape.experts, shape.experts_per_token, shape.expert_intermediate, shape.hidden
+    router = 4 * e + 8 * k + 4 * k
+    experts = k * (3 * comp * i + comp * h + 8)
+    return router + experts
 
 
 def estimate(shape: ModelShape, s: TrainSetup) -> MemoryEstimate:
@@ -349,7 +412,9 @@ def estimate(shape: ModelShape, s: TrainSetup) -> MemoryEstimate:
     # ---- activations ---------------------------------------------------------------------------
     per_layer = _layer_saved_per_token(shape, s, act, comp, gpu)
     rope = 2 * shape.head_dim * act
-    mask = seq if s.padded else 0  # the boolean (B, 1, S, S) mask, once
+    _, masks = _attention_layout(shape, s)
+    mask = seq * masks  # each boolean (B, 1, S, S) mask, once per forward
+    rope *= shape.rope_sets
     if s.gradient_checkpointing:
         saved_layers = tokens * (L * act * h)  # each checkpointed layer keeps its input
     else:
@@ -359,6 +424,9 @@ def estimate(shape: ModelShape, s: TrainSetup) -> MemoryEstimate:
     # without checkpointing the top layer's gradients are the same temporaries.
     grad_temps = tokens * _layer_backward_per_token(shape, s, act, comp)
     layer_transient = grad_temps + (tokens * per_layer if s.gradient_checkpointing else 0)
+    if (s.attn == "eager" or shape.eager_only) and s.gradient_checkpointing:
+        # the recomputed layer's (S x S) score gradients (calibrated on the trace: a quarter byte per score)
+        layer_transient += tokens * 0.5 * shape.heads * seq
     if quant == "4bit" and tokens > FOURBIT_DEQUANT_MIN_TOKENS:
         layer_transient += max(i * o for i, o in shape.linears().values()) * comp  # dequantised weight
     # ---- the fused LM head (trl): log-probs in tiles, never the full logits -----------------------
@@ -423,7 +491,7 @@ def _layer_backward_per_token(shape: ModelShape, s: TrainSetup, act: int, comp: 
     intermediate (I) and hidden (h) width, read off the op sequence and checked with trace.py:
     bf16/fp16 LoRA 10 I + 10 h with dropout, 6 I + 10 h without; QLoRA (fp32 residual) 10 I; fp32 8 I + 10 h.
     """
-    inter, h = shape.intermediate, shape.hidden
+    inter, h = shape.mlp_width, shape.hidden
     dropout = s.lora_dropout > 0 and _targeted("down_proj", s.lora_targets)
     if comp == 4:
         return 8 * inter + 10 * h
@@ -433,10 +501,14 @@ def _layer_backward_per_token(shape: ModelShape, s: TrainSetup, act: int, comp: 
 
 
 def model_shape(config: dict, name: str = "") -> ModelShape | None:
-    """The shape of a config the memory model knows, else None (the planner then splits the batch only)."""
+    """The shape of a config the memory model can plan, else None: the planner then splits the batch only, and the
+    reason is logged in one line (memory is not checked)."""
+    import logging
+
     from .errors import UserError
 
     try:
         return shape_from_config(config, name)
-    except UserError:
+    except UserError as e:
+        logging.getLogger("loraforge").warning("memory not planned: %s", e)
         return None

@@ -326,7 +326,7 @@ def suggest(shape, setup, budget_gib: float, lengths: list[int] | None = None) -
         return e.peak_gib, e.peak <= budget_gib * GIB
 
     out = []
-    if setup.quant == "none":
+    if setup.quant == "none" and not getattr(shape, "experts", 0):  # bitsandbytes cannot quantize 3-D experts
         g, ok = gib(setup.with_(quant="4bit"))
         out.append(f"QLoRA (quantization.mode: 4bit): {g:.1f} GiB per device{'' if ok else ', still too much'}")
     sharded = setup.strategy in ("fsdp", "zero3", "zero3-offload")
@@ -432,9 +432,14 @@ def setup_for(recipe, precision: Precision, hw, strategy: str, seq_len: int = 51
 def plan_with_memory(recipe, hw, precision: Precision, strategy: str, shape, longest_sample: int,
                      model_max: int | None, lengths: list[int] | None = None) -> Plan:
     """The plan from the memory model: what fits `hw`'s budget, keeping the recipe's global batch."""
+    from .arch import check_setup
+    from .arch import notes as arch_notes
+
     t = recipe.training
+    check_setup(shape, recipe.quantization.mode, recipe.lora.target_modules, recipe.lora.dropout,
+                recipe.model.attn_implementation)
     seqs = seq_candidates(recipe.data.max_seq_length, longest_sample, model_max)
-    notes = []
+    notes = arch_notes(shape)
     if recipe.data.max_seq_length == "auto":
         notes.append(f"max_seq_length auto: longest sample {longest_sample} tokens" if lengths
                      else f"max_seq_length auto: no data read, starting from the model's context ({seqs[0]})")

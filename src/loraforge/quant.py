@@ -258,23 +258,3 @@ def loaded_bytes(model) -> dict[str, int]:
         qconst += size(scb)
     return {"base_weights": weights, "quant_constants": qconst}
 
-
-def saved_adapter_shapes(model, expected):
-    """The shapes the final adapter file holds: `expected` (the trainable tensors), except after an OLoRA/PiSSA
-    init, whose adapter is saved converted to a plain LoRA of rank 2r (trainer.save_model)."""
-    from collections import Counter
-
-    config = getattr(model, "peft_config", {}).get("default")
-    if config is None or config.init_lora_weights not in MUTATING_INITS:
-        return expected
-    out = Counter()
-    for name, p in model.named_parameters():
-        if not p.requires_grad:
-            continue
-        shape = tuple(p.shape)
-        if "lora_A" in name:
-            shape = (2 * shape[0], *shape[1:])
-        elif "lora_B" in name:
-            shape = (shape[0], 2 * shape[1])
-        out[shape] += 1
-    return out

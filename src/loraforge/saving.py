@@ -58,9 +58,21 @@ def _full_shape(param) -> tuple[int, ...]:
     return tuple(param.shape)  # a DTensor reports its global shape
 
 
-def expected_shapes(model) -> Counter:
-    """The multiset of trainable tensors' full shapes: what a complete adapter file holds."""
-    return Counter(_full_shape(p) for p in model.parameters() if p.requires_grad)
+def expected_shapes(model, converted: bool = False) -> Counter:
+    """The multiset of trainable tensors' full shapes: what a complete adapter file holds. `converted`: an
+    OLoRA/PiSSA adapter saved as a plain LoRA over the original base, whose rank doubles (peft's
+    path_initial_model_for_weight_conversion stacks the trained and the initial factors)."""
+    shapes = Counter()
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        shape = _full_shape(p)
+        if converted and "lora_A" in name:
+            shape = (2 * shape[0],) + shape[1:]
+        elif converted and "lora_B" in name:
+            shape = (shape[0], 2 * shape[1]) + shape[2:]
+        shapes[shape] += 1
+    return shapes
 
 
 def adapter_problem(run_dir: Path, expected: Counter) -> str | None:
@@ -95,9 +107,8 @@ def check_saved_adapter(trainer, run_dir: Path) -> None:
 
     trainer.accelerator.wait_for_everyone()  # rank 0 has finished writing
     model = trainer.accelerator.unwrap_model(trainer.model)
-    from .quant import saved_adapter_shapes
-
-    problem = adapter_problem(run_dir, saved_adapter_shapes(model, expected_shapes(model)))
+    converted = getattr(trainer, "_lf_initial", None) is not None  # trainer.py: OLoRA/PiSSA saved converted
+    problem = adapter_problem(run_dir, expected_shapes(model, converted))
     failed = _any_rank(problem is not None)
     if failed:
         raise UserError(

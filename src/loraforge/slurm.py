@@ -119,7 +119,7 @@ def compose(recipe, recipe_path: str, opts: SlurmOptions, overrides: list[str] |
     else:
         # Submitting from a login node without the compute nodes' GPUs: split the global batch, and say that
         # memory was not checked here (each node still plans, and refuses a plan that does not fit).
-        strategy, why = choose_strategy(opts.strategy, topo.world_size, recipe.quantization.mode != "none")
+        strategy, why = choose_strategy(opts.strategy, topo.world_size, recipe.quantization.mode)
         t = recipe.training
         batch = plan_batch(
             t.global_batch_size, topo.world_size,
@@ -152,6 +152,20 @@ def _word(a: str) -> str:
     if "'" in a:
         raise UserError(f"{a!r}: a single quote cannot go into the sbatch script's srun command; rename it")
     return '"' + re.sub(r'(["\\$`])', r"\\\1", a) + '"'
+
+
+def node_env(args: list[str], opts: SlurmOptions) -> list[str]:
+    """Lines each node runs before `accelerate launch` (inside the single-quoted `bash -c`): OpenMP threads =
+    the CPUs srun gave this node's task / processes on the node (at least 1; an OMP_NUM_THREADS exported by the
+    setup file wins), and the name of the accelerate config (recorded by the training processes in plan.json)."""
+    per = max(1, int(opts.gpus_per_node))
+    cpus = '${SLURM_CPUS_PER_TASK:-%d}' % per
+    lines = [f'export OMP_NUM_THREADS="${{OMP_NUM_THREADS:-$(( {cpus} / {per} > 0 ? {cpus} / {per} : 1 ))}}"']
+    if "--config_file" in args:
+        from .launch import CONFIG_ENV
+
+        lines.append(f"export {CONFIG_ENV}={Path(args[args.index('--config_file') + 1]).name}")
+    return lines
 
 
 def node_command(args: list[str]) -> str:
@@ -192,11 +206,9 @@ def render_script(composed: Composed, opts: SlurmOptions, run_dir: Path, files: 
                   recipe_label: str) -> str:
     """The whole sbatch script (pure)."""
     template = (shipped_dir("slurm") / ("multi_node.sbatch" if opts.nodes > 1 else "single_node.sbatch")).read_text()
-    env = []
-    if opts.cpu:
-        env += ["# CPU processes over gloo (accelerate --multi_gpu starts them; --cpu would start one per node)",
-                "export ACCELERATE_USE_CPU=1"]
-    env += ["export PYTHONUNBUFFERED=1"]
+    # CPU jobs (--cpu) need no accelerate flag: training.device=cpu makes the Trainer's PartialState(cpu=True) use
+    # gloo. Never ACCELERATE_USE_CPU=1: AcceleratorState then skips DeepSpeed/FSDP and trains plain DDP, silently.
+    env = ["export PYTHONUNBUFFERED=1"]
     setup = opts.setup.rstrip("\n") if opts.setup else "# (none: pass --setup FILE to add module loads / env activation)"
     values = {
         "@SBATCH@": "\n".join(sbatch_lines(opts, files, workdir)),
@@ -209,6 +221,7 @@ def render_script(composed: Composed, opts: SlurmOptions, run_dir: Path, files: 
         "@RUN_DIR@": shlex.quote(str(run_dir)),
         "@SETUP@": setup,
         "@ENV@": "\n".join(env),
+        "@NODE_ENV@": "\n".join(node_env(composed.args, opts)),
         "@LAUNCH@": node_command(composed.args),
     }
     for key, value in values.items():

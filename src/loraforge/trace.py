@@ -320,7 +320,8 @@ def trace_step(shape: ModelShape, setup: TrainSetup, steps: int = 2) -> TraceRes
     live = _LiveBytes()
 
     with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation=setup.attn)
+        attn = "eager" if shape.eager_only else setup.attn  # e.g. Gemma-2: transformers has no SDPA path
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation=attn)
         model.config.use_cache = False
         if setup.quant == "4bit":
             _to_4bit(model, dtype, setup.double_quant)

@@ -108,7 +108,7 @@ def _make_plan(recipe: Recipe, hw, precision, longest_sample: int, model_max: in
         from .planner import plan_with_memory
 
         strategy = launched_strategy(hw)
-        check_supported(strategy, recipe.quantization.mode != "none")
+        check_supported(strategy, recipe.quantization.mode)
         plan = plan_with_memory(recipe, hw, precision, strategy, shape, longest_sample, model_max, lengths)
         if strategy == "fsdp" and hw.kind == "cpu":
             plan = replace(plan, notes=plan.notes + ("on CPU, accelerate runs FSDP as plain DDP: the weights are not sharded here (a GPU run is)",))
@@ -428,12 +428,18 @@ def _run(recipe: Recipe, overwrite: bool = False, quiet: bool = False) -> RunRes
             }),
         ],
     )
-    if is_main:  # what accelerate really runs (a CPU would turn FSDP into DDP without a word): in plan.json
+    from .launch import check_launched, launch_record
+
+    # What accelerate really runs (a CPU would turn FSDP into DDP, ACCELERATE_USE_CPU ZeRO into DDP, without a
+    # word): in plan.json (`distributed_type`, `accelerate_config`, and `launch`: ZeRO stage, offload, world, nodes)
+    launched = launch_record(trainer.accelerator, hw)
+    if is_main:
         path = run_dir / "plan.json"
         _write_json(path, json.loads(path.read_text()) | {
-            "distributed_type": str(trainer.accelerator.distributed_type).split(".")[-1],
-            "accelerate_config": os.environ.get("LORAFORGE_ACCELERATE_CONFIG"),
+            "distributed_type": launched["distributed_type"], "accelerate_config": launched["accelerate_config"],
+            "launch": launched,
         })
+    check_launched(launched)  # every rank: stop before training if a DeepSpeed launch came up as something else
     from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
     from .callbacks import ProgressBar
