@@ -139,7 +139,7 @@ def test_settings_this_stack_cannot_train_are_refused_not_planned(tmp_path):
     result = runner.invoke(app, ["plan", str(_recipe(tmp_path, "qwen3-4b-lora", "phi-4")), "--hardware", "a100-80gb",
                                  "--set", "lora.target_modules=[q_proj,v_proj]"])
     assert result.exit_code == 2
-    assert "q_proj, v_proj not in 'phi3'" in result.output and "qkv_proj" in result.output
+    assert "q_proj, v_proj not in this model" in result.output and "('phi3')" in result.output and "qkv_proj" in result.output
 
 
 # ------------------------------------------------------------------ the activation model against the trace

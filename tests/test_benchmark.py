@@ -31,3 +31,19 @@ def test_benchmark_smoke_run_compares_the_same_work(tmp_path):
     assert last[1].startswith("tiny: (c) w/ fused head / (a) textbook:")
     assert last[2].startswith("tiny: (c) loraforge / (a) textbook:")
     assert last[3].startswith("tiny: (c) loraforge / (b) trl defaults:")
+
+
+@pytest.mark.slow
+def test_qlora_benchmark_smoke_run(tmp_path):
+    """benchmarks/qlora.py runs LoRA, QLoRA and 8-bit on the same records; the 4-bit base is the smallest."""
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "benchmarks" / "qlora.py"), "--models", "tiny", "--steps", "1",
+         "--records", "16", "--work", str(tmp_path)],
+        capture_output=True, text=True, timeout=900,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    rows = {r["quantization"]: r for r in json.loads((tmp_path / "results.json").read_text())["rows"]}
+    assert set(rows) == {"none", "4bit", "8bit"}
+    assert all(r["tokens_per_s"] > 0 and r["peak_rss_gib"] > 0 for r in rows.values())
+    assert rows["4bit"]["base_bytes"] < rows["8bit"]["base_bytes"] < rows["none"]["base_bytes"]
+    assert proc.stdout.strip().splitlines()[-2].startswith("tiny: 4bit / none:")

@@ -477,3 +477,32 @@ def test_long_passes_show_progress(caplog):
         for _ in range(512):
             p.tick()
     assert any("reading the data: 512 records" in r.getMessage() for r in caplog.records)
+
+
+@pytest.mark.parametrize("case", ["read-only (simulated)", "disk full (simulated)"])
+def test_unwritable_or_full_output_location_is_one_line(tmp_path, tiny_model_dir, monkeypatch, case):
+    """The same checks as above where the test runs as root (permissions do not stop root) or on a disk
+    with room: the OS answers are simulated, the code path is the real one."""
+    from pathlib import Path as P
+
+    from loraforge import checkpoints
+
+    out = tmp_path / "parent" / "run"
+    if case.startswith("read-only"):
+        real_mkdir = P.mkdir
+
+        def mkdir(self, *a, **k):
+            if str(self).startswith(str(tmp_path / "parent")):
+                raise PermissionError(13, "Permission denied")
+            return real_mkdir(self, *a, **k)
+
+        monkeypatch.setattr(P, "mkdir", mkdir)
+        expect = "permission denied"
+    else:
+        monkeypatch.setattr(checkpoints, "free_bytes", lambda p: 1024)
+        expect = "No space left on device"
+    data = write_jsonl(tmp_path / "train.jsonl", chat_records(8))
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(yaml.safe_dump(recipe_dict(tiny_model_dir, data, out)))
+    _one_line_exit_2(_cli(["train", str(recipe), "--quiet"]), "output_dir", expect)
+    assert not out.exists()

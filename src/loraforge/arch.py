@@ -292,8 +292,8 @@ def check_setup(shape, quant: str, targets, dropout: float, attn: str = "auto") 
         missing = [t for t in targets if t not in names]
         if missing:
             hint = " (Phi-3/4 fuse q/k/v into qkv_proj and gate/up into gate_up_proj)" if "qkv_proj" in names else ""
-            raise UserError(f"lora.target_modules: {', '.join(missing)} not in '{mt}'; its decoder layers' linear "
-                            f"layers are {', '.join(names)}{hint} (or use all-linear)")
+            raise UserError(f"lora.target_modules: {', '.join(missing)} not in this model; its linear layers are "
+                            f"{', '.join(names)} ('{mt}'){hint} (or use all-linear)")
     if not getattr(shape, "experts", 0):
         return
     attn = names

@@ -424,6 +424,10 @@ def estimate(shape: ModelShape, s: TrainSetup) -> MemoryEstimate:
     # without checkpointing the top layer's gradients are the same temporaries.
     grad_temps = tokens * _layer_backward_per_token(shape, s, act, comp)
     layer_transient = grad_temps + (tokens * per_layer if s.gradient_checkpointing else 0)
+    if s.gradient_checkpointing and act == 4 and comp == 2:
+        # QLoRA (fp32 residual): part of the recomputed MLP's saved tensors is freed before its widest gradient
+        # temporaries exist (calibrated on the trace, every family: 2 bytes per intermediate element)
+        layer_transient -= tokens * 2 * shape.mlp_width
     if (s.attn == "eager" or shape.eager_only) and s.gradient_checkpointing:
         # the recomputed layer's (S x S) score gradients (calibrated on the trace: a quarter byte per score)
         layer_transient += tokens * 0.5 * shape.heads * seq
@@ -493,11 +497,14 @@ def _layer_backward_per_token(shape: ModelShape, s: TrainSetup, act: int, comp: 
     """
     inter, h = shape.mlp_width, shape.hidden
     dropout = s.lora_dropout > 0 and _targeted("down_proj", s.lora_targets)
+    # an expert block's backward also holds the gradients of its top-k gathered inputs and weighted outputs
+    # (calibrated on the trace: 1.5 values of the hidden width per routed copy)
+    moe = 1.5 * comp * shape.experts_per_token * h if shape.moe else 0
     if comp == 4:
-        return 8 * inter + 10 * h
+        return 8 * inter + 10 * h + moe
     if act == 4:
-        return 10 * inter
-    return (10 if dropout else 6) * inter + 10 * h
+        return 10 * inter + moe
+    return (10 if dropout else 6) * inter + 10 * h + moe
 
 
 def model_shape(config: dict, name: str = "") -> ModelShape | None:

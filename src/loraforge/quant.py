@@ -257,3 +257,4 @@ def loaded_bytes(model) -> dict[str, int]:
             scb = getattr(getattr(m, "state", None), "SCB", None)
         qconst += size(scb)
     return {"base_weights": weights, "quant_constants": qconst}
+
