@@ -44,7 +44,9 @@ def test_the_pin_happens_before_cuda_and_is_in_the_plan(make_recipe, monkeypatch
     from loraforge.recipe import load_recipe
     from loraforge.train import run
 
-    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    # recorded by monkeypatch first, so the value the pin sets is undone afterwards (later tests launch processes)
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "unset-me")
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES")
     for k in ("WORLD_SIZE", "LOCAL_RANK", "RANK"):
         monkeypatch.delenv(k, raising=False)
     seen = {}
