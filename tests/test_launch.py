@@ -290,25 +290,15 @@ def test_checkpoints_resume_across_topologies(one_process, tiny_model_dir):
     tmp = one_process
     reference = _adapter(tmp / "one")
 
-    def truncate_to_step_5(src: Path, dst: Path) -> None:
-        shutil.copytree(src, dst)
-        for f in ("adapter_model.safetensors", "train_summary.json"):
-            (dst / f).unlink()
-        shutil.rmtree(dst / "checkpoints" / "checkpoint-10")
-        recipe = yaml.safe_load((dst / "recipe.yaml").read_text())
-        recipe["output_dir"] = str(dst)
-        (dst / "recipe.yaml").write_text(yaml.safe_dump(recipe, sort_keys=False))
-        (tmp / f"{dst.name}.yaml").write_text(yaml.safe_dump(recipe, sort_keys=False))
-
     if not (tmp / "ddp" / "checkpoints" / "checkpoint-5").is_dir():
         _loraforge("launch", str(_topology_recipe(tmp, tiny_model_dir, "ddp")), "--strategy", "ddp", "--gpus", "2")
-    truncate_to_step_5(tmp / "ddp", tmp / "two-then-one")
-    out = _loraforge("train", str(tmp / "two-then-one.yaml"), "--quiet")
+    recipe = _truncate_to_step_5(tmp, tmp / "ddp", tmp / "two-then-one")
+    out = _loraforge("train", str(recipe), "--quiet")
     assert "resuming from" in out.stderr
     assert _max_diff(reference, _adapter(tmp / "two-then-one")) <= 1e-5
 
-    truncate_to_step_5(tmp / "one", tmp / "one-then-two")
-    out = _loraforge("launch", str(tmp / "one-then-two.yaml"), "--strategy", "ddp", "--gpus", "2")
+    recipe = _truncate_to_step_5(tmp, tmp / "one", tmp / "one-then-two")
+    out = _loraforge("launch", str(recipe), "--strategy", "ddp", "--gpus", "2")
     assert "resuming from" in out.stderr
     assert json.loads((tmp / "one-then-two" / "plan.json").read_text())["world_size"] == 2
     assert _max_diff(reference, _adapter(tmp / "one-then-two")) <= 1e-5
