@@ -378,10 +378,14 @@ def _quickstart_overrides(run_dir: Path) -> list[str]:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("strategy", ["ddp", "zero2", "zero3"])
+@pytest.mark.parametrize("strategy", ["ddp", "zero2", "zero3"] if os.environ.get("LORAFORGE_TEST_ALL_STRATEGIES") else ["ddp"])
 def test_quickstart_on_two_processes_matches_one(quickstart_one_process, strategy):
     """The issue's "done when": `loraforge launch recipes/quickstart.yaml --strategy X` on 2 CPU processes
-    gives the 1-process adapter of the real SmolLM2-135M model (10 optimizer steps, same global batch)."""
+    gives the 1-process adapter of the real SmolLM2-135M model (10 optimizer steps, same global batch).
+    DDP only in CI: ZeRO-2/ZeRO-3 on 2 processes are proved on the tiny model
+    (test_two_processes_train_the_same_adapter_as_one); on SmolLM2 they passed once (2026-12-02) and took 4x the
+    DDP run's time (ZeRO-3: 139 s vs 35 s), which the 30-minute suite cannot afford. Run them by hand with
+    LORAFORGE_TEST_ALL_STRATEGIES=1."""
     tmp = quickstart_one_process
     _loraforge("launch", "quickstart", "--strategy", strategy, "--gpus", "2",
                *_quickstart_overrides(tmp / strategy), timeout=1200)
