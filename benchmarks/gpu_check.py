@@ -15,7 +15,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
-from loraforge.gpu_check import main  # noqa: E402
+from loraforge.run.gpu_check import main  # noqa: E402
 
 if __name__ == "__main__":
     sys.exit(main())

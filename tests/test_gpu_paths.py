@@ -15,7 +15,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from loraforge import gpu_pin
+from loraforge.plan import gpu_pin
 from loraforge.errors import UserError
 
 
@@ -81,7 +81,7 @@ def test_plan_says_so_for_a_multi_gpu_profile(make_recipe, monkeypatch):
 def test_a_quantized_base_is_placed_on_its_own_rank_under_every_strategy(strategy):
     """bitsandbytes' quantizer turns device_map=None into {"": current_device()} = GPU 0 on every rank: a
     quantized base always gets its rank's GPU. 4-bit under FSDP/ZeRO-3 stores packed weights in the compute dtype."""
-    from loraforge.modeling import base_placement
+    from loraforge.model.modeling import base_placement
 
     p = base_placement("cuda", strategy, 3, "bfloat16", "4bit")
     assert p["device_map"] == {"": 3}
@@ -95,7 +95,8 @@ def test_a_quantized_base_is_placed_on_its_own_rank_under_every_strategy(strateg
 def test_training_arguments_exist_before_the_model_loads(make_recipe, monkeypatch):
     """The SFTConfig (which registers a ZeRO-3 config for zero.Init and sets the rank's device) is built
     before `from_pretrained` runs — the order a ZeRO-3 / FSDP+QLoRA run needs."""
-    from loraforge import modeling, train
+    from loraforge import train
+    from loraforge.model import modeling
     from loraforge.recipe import load_recipe
 
     order = []
@@ -128,7 +129,7 @@ class DeepSpeedOptimizerWrapper:  # the name accelerate's wrapper has; step_was_
 
 
 def _guard_call(policy, optimizer, params, fp16=False):
-    from loraforge.callbacks import NonFiniteGuard
+    from loraforge.run.callbacks import NonFiniteGuard
 
     guard = NonFiniteGuard(policy, max_skipped=1)
     model = torch.nn.Module()
@@ -160,7 +161,7 @@ def test_fp16_overflow_skips_are_tolerated_up_to_the_limit():
 
 
 def test_fsdp2_gradient_shards_are_checked_locally():
-    from loraforge.callbacks import _local
+    from loraforge.run.callbacks import _local
 
     class Shard(torch.Tensor):  # a DTensor stand-in: the guard must read to_local(), not the global view
         pass
@@ -181,7 +182,7 @@ def _write_adapter(d: Path, tensors: dict) -> None:
 
 
 def test_adapter_problems_are_named(tmp_path):
-    from loraforge.saving import adapter_problem
+    from loraforge.run.saving import adapter_problem
 
     good = {"a.A": torch.ones(4, 8), "a.B": torch.ones(8, 4), "b.A": torch.ones(4, 8), "b.B": torch.ones(8, 4)}
     _write_adapter(tmp_path / "ok", good)
@@ -201,14 +202,14 @@ def test_adapter_problems_are_named(tmp_path):
 
 
 def test_full_shapes_of_sharded_parameters():
-    from loraforge.saving import _full_shape
+    from loraforge.run.saving import _full_shape
 
     assert _full_shape(SimpleNamespace(ds_shape=torch.Size([16, 4]), shape=torch.Size([0]))) == (16, 4)
     assert _full_shape(torch.nn.Parameter(torch.ones(3, 2))) == (3, 2)
 
 
 def test_an_fsdp_run_switches_to_a_full_state_dict_for_the_final_save(tmp_path):
-    from loraforge.saving import save_adapter
+    from loraforge.run.saving import save_adapter
 
     calls = []
 
@@ -239,7 +240,7 @@ def test_an_fsdp_run_switches_to_a_full_state_dict_for_the_final_save(tmp_path):
 
 # ---------------------------------------------------------------- 8. memory per rank, peak reset
 def test_bytes_per_rank_count_partitions_and_shards():
-    from loraforge.memreport import param_bytes
+    from loraforge.run.memreport import param_bytes
 
     class M(torch.nn.Module):
         def __init__(self):
@@ -253,7 +254,7 @@ def test_bytes_per_rank_count_partitions_and_shards():
 
 
 def test_the_cuda_peak_is_reset_after_the_preflight(monkeypatch, tmp_path):
-    from loraforge import memreport
+    from loraforge.run import memreport
 
     calls = []
     monkeypatch.setattr(memreport, "_cuda_in_use", lambda: True)
@@ -285,7 +286,7 @@ def test_memory_json_after_a_cpu_run(make_recipe):
 
 # ---------------------------------------------------------------- 13. FSDP + QLoRA: the load is planned too
 def _shape70b():
-    from loraforge.memory import shape_from_config
+    from loraforge.plan.memory import shape_from_config
 
     cfg = Path(__file__).parent / "fixtures" / "configs" / "llama-3-70b-instruct" / "config.json"
     return shape_from_config(json.loads(cfg.read_text()), "llama-3-70b-instruct")
@@ -294,8 +295,8 @@ def _shape70b():
 def test_fsdp_qlora_plans_the_unsharded_load():
     """Each rank quantizes the whole base before FSDP shards it: 70B in 4-bit is ~40 GiB per GPU at load, so
     8 x 24 GiB cannot load it even though a sharded step needs a few GiB; 8 x 80 GiB can."""
-    from loraforge.memory import GIB, TrainSetup, estimate
-    from loraforge.planner import fsdp_qlora_load_bytes, peak_estimate, solve
+    from loraforge.plan.memory import GIB, TrainSetup, estimate
+    from loraforge.plan.planner import fsdp_qlora_load_bytes, peak_estimate, solve
 
     s = _shape70b()
     setup = TrainSetup(1, 2048, True, quant="4bit", world_size=8, strategy="fsdp")

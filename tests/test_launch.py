@@ -16,7 +16,7 @@ from safetensors.torch import load_file
 
 from conftest import chat_records, recipe_dict, write_jsonl
 from loraforge.errors import UserError
-from loraforge.launch import (
+from loraforge.launch.accelerate import (
     STRATEGIES,
     Topology,
     accelerate_args,

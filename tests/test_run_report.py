@@ -56,7 +56,7 @@ def _assert_png(path: Path) -> None:
 
 
 def test_eval_matches_the_trainer_and_shows_the_gain(trained_run, tmp_path):
-    from loraforge.evaluate import evaluate_run
+    from loraforge.use.evaluate import evaluate_run
 
     run_dir = _copy(trained_run, tmp_path)
     report = evaluate_run(run_dir)
@@ -96,10 +96,10 @@ def test_eval_cli_with_a_data_file_and_errors(trained_run, tmp_path):
 
 
 def test_report_draws_loss_lr_throughput_and_memory(trained_run, tmp_path):
-    from loraforge.report import make_plots, read_metrics, throughput
+    from loraforge.use.report import make_plots, read_metrics, throughput
 
-    from loraforge.card import write_model_card
-    from loraforge.report import memory_numbers
+    from loraforge.use.card import write_model_card
+    from loraforge.use.report import memory_numbers
 
     run_dir = _copy(trained_run, tmp_path)
     # what a GPU run writes: the memory model's prediction in plan.json, torch's peaks in memory.json
@@ -128,7 +128,7 @@ def test_report_draws_loss_lr_throughput_and_memory(trained_run, tmp_path):
 
 
 def test_plots_cope_with_missing_numbers(trained_run, tmp_path):
-    from loraforge.report import make_plots, plot_memory, throughput
+    from loraforge.use.report import make_plots, plot_memory, throughput
 
     # no memory numbers at all (an older plan.json): no memory plot, the rest still drawn
     run_dir = _copy(trained_run, tmp_path)
@@ -162,7 +162,7 @@ def test_plots_cope_with_missing_numbers(trained_run, tmp_path):
 
 
 def test_model_card_describes_the_run(trained_run, tmp_path):
-    from loraforge.card import write_model_card
+    from loraforge.use.card import write_model_card
 
     run_dir = _copy(trained_run, tmp_path)
     (run_dir / "eval.json").write_text(json.dumps({
@@ -194,7 +194,7 @@ def test_model_card_describes_the_run(trained_run, tmp_path):
 
 
 def test_model_card_of_an_unfinished_run(trained_run, tmp_path):
-    from loraforge.card import write_model_card
+    from loraforge.use.card import write_model_card
 
     run_dir = _copy(trained_run, tmp_path)
     for name in ("train_summary.json", "metrics.jsonl", "samples.json"):

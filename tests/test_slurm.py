@@ -33,7 +33,7 @@ with open(os.path.join(out, "node-%s.json" % os.environ["SLURM_NODEID"]), "w") a
 SLOW_STEPS = """import os
 if os.environ.get("LORAFORGE_TEST_STEP_SLEEP"):
     import time
-    from loraforge import trainer as _t
+    from loraforge.run import trainer as _t
     _base = _t.make_trainer_class
     def _factory():
         base = _base()
@@ -174,7 +174,7 @@ def test_signal_stops_after_the_step_on_every_rank():
 
     from transformers import TrainerControl
 
-    from loraforge.preemption import StopOnSignal
+    from loraforge.run.preemption import StopOnSignal
 
     before = signal.getsignal(signal.SIGUSR1)
     stop = StopOnSignal()

@@ -7,13 +7,13 @@ import json
 import pytest
 import torch
 
-from loraforge.hardware import Gpu, Hardware
+from loraforge.plan.hardware import Gpu, Hardware
 from loraforge.recipe import load_recipe
 from loraforge.train import make_plan, prepare, run
 
 
 def _shape():
-    from loraforge.memory import model_shape
+    from loraforge.plan.memory import model_shape
 
     return model_shape({"model_type": "llama", "hidden_size": 576, "num_hidden_layers": 30, "num_attention_heads": 9,
                         "num_key_value_heads": 3, "intermediate_size": 1536, "vocab_size": 49152,
@@ -67,8 +67,8 @@ def test_flop_count_matches_torch_flop_counter(tiny_model_dir):
     from torch.utils.flop_counter import FlopCounterMode
     from transformers import AutoModelForCausalLM
 
-    from loraforge.flops import lora_step_flops_per_token
-    from loraforge.memory import model_shape
+    from loraforge.plan.flops import lora_step_flops_per_token
+    from loraforge.plan.memory import model_shape
 
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, attn_implementation="eager")
     shape = model_shape(model.config.to_dict())
@@ -86,7 +86,7 @@ def test_flop_count_matches_torch_flop_counter(tiny_model_dir):
 
 
 def test_tokenized_data_is_cached_by_content_tokenizer_and_settings(make_recipe, tmp_path, monkeypatch):
-    from loraforge import tokencache
+    from loraforge.data import tokencache
 
     monkeypatch.setenv("LORAFORGE_CACHE", str(tmp_path / "cache"))
     calls = []

@@ -87,7 +87,7 @@ def test_wandb_offline_run_lands_in_run_dir_with_the_loss_curve(tmp_path, tiny_m
 
 
 def test_wandb_run_id_is_kept_for_resumed_and_requeued_jobs(tmp_path, monkeypatch):
-    from loraforge import tracking
+    from loraforge.run import tracking
 
     # configure() sets process environment variables: give it a copy, so that no other test sees them
     monkeypatch.setattr(os, "environ", {k: v for k, v in os.environ.items() if not k.startswith("WANDB_")})

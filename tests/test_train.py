@@ -62,7 +62,7 @@ def _logits(model, tok, text="What is your name?"):
 def test_merge_reload_gives_same_logits_and_answers(trained, tmp_path):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from loraforge.infer import answer, load_for_inference, merge
+    from loraforge.use.infer import answer, load_for_inference, merge
 
     _, result = trained
     adapted, tok = load_for_inference(result.run_dir, device="cpu")

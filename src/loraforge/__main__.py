@@ -1,3 +1,3 @@
-from .cli import main
+from loraforge.cli import main
 
 main()

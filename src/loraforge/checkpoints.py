@@ -22,7 +22,7 @@ import re
 import shutil
 from pathlib import Path
 
-from .errors import UserError
+from loraforge.errors import UserError
 
 log = logging.getLogger("loraforge")
 
@@ -218,7 +218,7 @@ def drop_damaged(root: str | Path) -> Path | None:
 
 def verify_dir(run_dir: str | Path) -> None:
     """Stop with one line if a finished run directory's adapter or tokenizer is not as training wrote it."""
-    from .errors import UserError
+    from loraforge.errors import UserError
 
     run_dir = Path(run_dir)
     manifest = run_dir / MANIFEST

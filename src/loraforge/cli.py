@@ -13,7 +13,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from .errors import UserError
+from loraforge.errors import UserError
 
 app = typer.Typer(
     add_completion=False,
@@ -32,12 +32,12 @@ def quiet_libraries() -> None:
     os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
     os.environ.setdefault("MPLBACKEND", "Agg")  # plots are files; no GUI backend probing
     logging.basicConfig(level=logging.INFO, format="[loraforge] %(message)s")
-    from .secrets import install_log_filter
-    from .status import silence_noise, stage, timed_import
+    from loraforge.redact import install_log_filter
+    from loraforge.run.status import silence_noise, stage, timed_import
 
     install_log_filter()
     silence_noise()
-    from .quant import silence_cpu_kernel_notice
+    from loraforge.model.quant import silence_cpu_kernel_notice
 
     silence_cpu_kernel_notice()  # before anything imports bitsandbytes (peft does); see quant.py
     for name in ("transformers", "datasets", "peft", "trl", "accelerate", "httpx", "urllib3", "DeepSpeed"):
@@ -50,7 +50,7 @@ def quiet_libraries() -> None:
         transformers = timed_import("transformers")
         datasets = timed_import("datasets")
         if cold:
-            from .status import IMPORTS
+            from loraforge.run.status import IMPORTS
 
             stage("libraries loaded (" + ", ".join(f"{k} {v:.1f} s" for k, v in IMPORTS.items()) + ")")
 
@@ -85,8 +85,8 @@ def _exit(fn: Callable[[], object]) -> None:
 
 
 def _load(recipe: str, overrides: list[str]):
-    from .recipe import load_recipe
-    from .resources import find_recipe
+    from loraforge.recipe import load_recipe
+    from loraforge.resources import find_recipe
 
     return load_recipe(find_recipe(recipe), overrides)
 
@@ -114,7 +114,7 @@ def _print_result(result) -> None:
     elif result.peak_source and "uncertain" in result.peak_source:
         table.add_row("MFU", f"not reported: peak {result.peak_flops / 1e12:.2f} TFLOP/s, {result.peak_source}")
     if getattr(result, "startup_s", None):
-        from .callbacks import format_stages
+        from loraforge.run.callbacks import format_stages
 
         stages = getattr(result, "startup_stages", None)
         detail = f" ({format_stages(stages)} s)" if stages else ""
@@ -154,7 +154,7 @@ def train(
     quiet_libraries()
 
     def go():
-        from .train import run
+        from loraforge.train import run
 
         _print_result(run(_load(recipe, set_), overwrite=overwrite, quiet=quiet or not sys.stderr.isatty()))
 
@@ -188,8 +188,8 @@ def plan(
     """Show what a run would do: the plan for this machine (or --hardware), its memory, and the resolved recipe."""
 
     def go():
-        from . import planview
-        from .recipe import dump_recipe
+        from loraforge.launch import preview as planview
+        from loraforge.recipe import dump_recipe
 
         r = _load(recipe, set_)
         if planview.config_only_dir(r) is None or (hardware is None and vram is None):
@@ -236,8 +236,8 @@ def launch(
     quiet_libraries()
 
     def go():
-        from .hardware import detect
-        from .launch import Topology, accelerate_args, plan_launch, render_command, run_accelerate
+        from loraforge.plan.hardware import detect
+        from loraforge.launch.accelerate import Topology, accelerate_args, plan_launch, render_command, run_accelerate
         r = _load(recipe, set_)
         # No CUDA context in this process (it stays alive for the whole run): GPUs are counted through NVML.
         here = None if hardware is not None or vram is not None else detect(
@@ -288,7 +288,7 @@ def _child_exit_code(error) -> int:
 
 
 def _recipe_path(recipe: str) -> Path:
-    from .resources import find_recipe
+    from loraforge.resources import find_recipe
 
     return find_recipe(recipe).resolve()
 
@@ -304,7 +304,7 @@ def generate(
     quiet_libraries()
 
     def go():
-        from .infer import answer, load_for_inference
+        from loraforge.use.infer import answer, load_for_inference
 
         model, tok = load_for_inference(path)
         for p in prompt:
@@ -324,7 +324,7 @@ def chat(
     quiet_libraries()
 
     def go():
-        from .infer import generate as gen, load_for_inference
+        from loraforge.use.infer import generate as gen, load_for_inference
 
         model, tok = load_for_inference(path)
         history: list[dict] = [{"role": "system", "content": system}] if system else []
@@ -356,7 +356,7 @@ def merge(
     quiet_libraries()
 
     def go():
-        from .infer import merge as do_merge
+        from loraforge.use.infer import merge as do_merge
 
         console.print(f"merged model written to {do_merge(run_dir, out)}")
 
@@ -366,7 +366,7 @@ def merge(
 @app.command()
 def recipes():
     """List the shipped recipes."""
-    from .resources import shipped_dir
+    from loraforge.resources import shipped_dir
 
     for p in sorted(shipped_dir("recipes").glob("*.yaml")):
         console.print(f"{p.stem:<32} {p}", highlight=False)
@@ -375,8 +375,8 @@ def recipes():
 @app.command()
 def env():
     """Show the detected hardware and library versions."""
-    from .hardware import detect
-    from .train import library_versions
+    from loraforge.plan.hardware import detect
+    from loraforge.train import library_versions
 
     print(json.dumps({"hardware": detect(free_memory=True).to_dict(), "versions": library_versions()}, indent=2, default=str))
 
@@ -395,7 +395,7 @@ def export(
     def go():
         if not gguf:
             raise UserError("export: choose a format with --gguf (for a transformers checkpoint use `loraforge merge`)")
-        from .export import export_gguf
+        from loraforge.use.export import export_gguf
 
         path = export_gguf(run_dir, out, type_.lower(), overwrite=overwrite)
         console.print(f"GGUF ({type_.lower()}, {path.stat().st_size / 2**20:.1f} MiB) written to {path}", highlight=False)
@@ -414,7 +414,7 @@ def eval_cmd(
     quiet_libraries()
 
     def go():
-        from .evaluate import evaluate_run
+        from loraforge.use.evaluate import evaluate_run
 
         report = evaluate_run(run_dir, data, batch_size)
         if as_json:
@@ -442,8 +442,8 @@ def report(
     def go():
         if not (run_dir / "recipe.yaml").is_file():
             raise UserError(f"{run_dir}: no recipe.yaml; is this a loraforge run directory?")
-        from .card import write_model_card
-        from .report import PLOT_FILES, PLOTS_DIR
+        from loraforge.use.card import write_model_card
+        from loraforge.use.report import PLOT_FILES, PLOTS_DIR
 
         card = write_model_card(run_dir)
         plots = [run_dir / PLOTS_DIR / f for f in PLOT_FILES.values() if (run_dir / PLOTS_DIR / f).is_file()]
@@ -483,7 +483,7 @@ def slurm_submit(
     the run directory, and submit it; prints the job id and the log path."""
 
     def go():
-        from . import slurm
+        from loraforge.launch import slurm
 
         if setup is not None and not setup.is_file():
             raise UserError(f"--setup {setup}: no such file")
@@ -529,7 +529,7 @@ def slurm_status(
     """The SLURM job's state (squeue / sacct) and the run's progress (metrics.jsonl, checkpoints)."""
 
     def go():
-        from . import slurm
+        from loraforge.launch import slurm
 
         out = slurm.status(run_dir.resolve())
         if as_json:
@@ -564,7 +564,7 @@ def slurm_status(
 def check_gpu(ctx: typer.Context):
     """Predicted vs measured memory, micro-batch + 1, tokens/s, MFU on this GPU (--dry-run --card NAME: plan only).
     Options: see `loraforge check-gpu --help`."""
-    from .gpu_check import main as check_main
+    from loraforge.run.gpu_check import main as check_main
 
     code = check_main(list(ctx.args))
     if code:

@@ -17,9 +17,9 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from .errors import UserError
-from .recipe import Recipe, dump_recipe, load_recipe
-from .secrets import redact
+from loraforge.errors import UserError
+from loraforge.recipe import Recipe, dump_recipe, load_recipe
+from loraforge.redact import redact
 
 log = logging.getLogger("loraforge")
 
@@ -73,7 +73,7 @@ def launched_strategy(hw) -> str:
     environment says (hardware.detect read it into `hw.strategy`), "ddp" when it says nothing."""
     if hw.world_size <= 1:
         return "single"
-    from .launch import strategy_from_env
+    from loraforge.launch.accelerate import strategy_from_env
 
     strategy = getattr(hw, "strategy", None) or strategy_from_env()
     return "ddp" if strategy == "single" else strategy
@@ -82,13 +82,13 @@ def launched_strategy(hw) -> str:
 def make_plan(recipe: Recipe, hw, longest_sample: int, model_max: int | None, shape=None, lengths=None):
     """The plan. With the model's shape (memory.ModelShape) the memory model chooses micro-batch, accumulation,
     sequence length and checkpointing for `hw`'s budget; without it, a split of the global batch only."""
-    from .planner import choose_precision
+    from loraforge.plan.planner import choose_precision
 
     precision = choose_precision(hw.kind == "cuda", hw.bf16, recipe.model.dtype)
     plan = _make_plan(recipe, hw, precision, longest_sample, model_max, shape, lengths)
     from dataclasses import replace
 
-    from .gpu_pin import pin_note
+    from loraforge.plan.gpu_pin import pin_note
 
     note = pin_note()
     if note is None and hw.world_size == 1 and len(getattr(hw, "gpus", ()) or ()) > 1:
@@ -98,14 +98,14 @@ def make_plan(recipe: Recipe, hw, longest_sample: int, model_max: int | None, sh
 
 
 def _make_plan(recipe: Recipe, hw, precision, longest_sample: int, model_max: int | None, shape, lengths):
-    from .planner import Plan, choose_seq_length, plan_batch
+    from loraforge.plan.planner import Plan, choose_seq_length, plan_batch
 
     t = recipe.training
     if shape is not None:
         from dataclasses import replace
 
-        from .launch import check_supported
-        from .planner import plan_with_memory
+        from loraforge.launch.accelerate import check_supported
+        from loraforge.plan.planner import plan_with_memory
 
         strategy = launched_strategy(hw)
         check_supported(strategy, recipe.quantization.mode)
@@ -126,13 +126,13 @@ def _make_plan(recipe: Recipe, hw, precision, longest_sample: int, model_max: in
         notes.append(f"gradient checkpointing auto -> {'on' if gc else 'off'}")
     else:
         gc = bool(t.gradient_checkpointing)
-    from .launch import check_supported
+    from loraforge.launch.accelerate import check_supported
 
     strategy = launched_strategy(hw)
     check_supported(strategy, recipe.quantization.mode != "none")
     if strategy == "fsdp" and hw.kind == "cpu":
         notes.append("on CPU, accelerate runs FSDP as plain DDP: the weights are not sharded here (a GPU run is)")
-    from .planner import execution
+    from loraforge.plan.planner import execution
 
     batch, rows, head, run_notes = execution(batch, t, precision.use_cpu)
     return Plan(batch=batch, precision=precision, max_seq_length=seq, gradient_checkpointing=gc, strategy=strategy,
@@ -169,8 +169,8 @@ def prepare(recipe: Recipe, hw) -> Prepared:
     before any model is loaded."""
     from transformers import AutoConfig
 
-    from . import data as data_mod
-    from .modeling import base_model_dir, load_tokenizer
+    from loraforge.data import dataset as data_mod
+    from loraforge.model.modeling import base_model_dir, load_tokenizer
 
     template = data_mod.resolve_chat_template(recipe)
     # Streamed (data.py): read + validated first (a bad record stops here, before any model loads), then
@@ -185,7 +185,7 @@ def prepare(recipe: Recipe, hw) -> Prepared:
         model_dir, trust_remote_code=recipe.model.trust_remote_code, revision=recipe.model.revision
     )
     model_max = getattr(config, "max_position_embeddings", None)
-    from .memory import model_shape
+    from loraforge.plan.memory import model_shape
 
     shape = model_shape(config.to_dict())
     plan = make_plan(recipe, hw, max(lengths), model_max, shape=shape, lengths=lengths)
@@ -216,7 +216,7 @@ def prepare(recipe: Recipe, hw) -> Prepared:
 
 def prepare_run_dir(recipe: Recipe, overwrite: bool, is_main: bool) -> tuple[Path, bool]:
     """Create the run directory; (path, already complete). A different recipe in a used directory stops."""
-    from .runlock import LOCK_FILE
+    from loraforge.run.runlock import LOCK_FILE
 
     run_dir = Path(recipe.output_dir).expanduser()
     existing = run_dir / "recipe.yaml"
@@ -311,22 +311,22 @@ def sft_config(recipe: Recipe, plan, run_dir: Path, report_to):
 def run(recipe: Recipe, overwrite: bool = False, quiet: bool = False) -> RunResult:
     """Train `recipe` end to end in this process (one of possibly many ranks). The writer rank holds the
     run directory's lock throughout: a second run on the same directory stops at once (runlock.py)."""
-    from .hardware import process_topology
-    from .runlock import hold
+    from loraforge.plan.hardware import process_topology
+    from loraforge.run.runlock import hold
 
     with hold(recipe.output_dir, enabled=process_topology()["rank"] == 0):
         return _run(recipe, overwrite, quiet)
 
 
 def _run(recipe: Recipe, overwrite: bool = False, quiet: bool = False) -> RunResult:
-    from .hardware import detect
-    from .status import process_start_time, stage  # not .callbacks: it imports transformers' Trainer (peft, ...)
+    from loraforge.plan.hardware import detect
+    from loraforge.run.status import process_start_time, stage  # not .callbacks: it imports transformers' Trainer (peft, ...)
 
     t0 = time.time()
     started = process_start_time()
     stages = {"imports": round(t0 - started, 2)}
     if recipe.training.device != "cpu":
-        from .gpu_pin import pin_single_process
+        from loraforge.plan.gpu_pin import pin_single_process
 
         pin_single_process()  # one process on a multi-GPU box: one GPU, before anything initialises CUDA
     if recipe.training.device == "gpu":
@@ -349,7 +349,7 @@ def _run(recipe: Recipe, overwrite: bool = False, quiet: bool = False) -> RunRes
 
     if "peft" not in sys.modules:
         stage("loading the training libraries (transformers' Trainer: peft, bitsandbytes)")
-    from .preemption import StopOnSignal, exit_if_preempted
+    from loraforge.run.preemption import StopOnSignal, exit_if_preempted
 
     stop = StopOnSignal()  # USR1/TERM: finish the step, checkpoint, exit 75 (SLURM requeues; see preemption.py)
     stage("reading and tokenizing the data, planning")
@@ -357,11 +357,11 @@ def _run(recipe: Recipe, overwrite: bool = False, quiet: bool = False) -> RunRes
     stages["data_and_plan"] = round(time.time() - started, 2)
     plan, tokenizer = prep.plan, prep.tokenizer
     if plan.fits is False:  # the memory model says it cannot fit: do not launch
-        from .planner import unfit_message
+        from loraforge.plan.planner import unfit_message
 
         raise UserError(unfit_message(plan.to_dict()))
-    from .modeling import add_lora, base_placement, load_base_model
-    from .tracking import report_to
+    from loraforge.model.modeling import add_lora, base_placement, load_base_model
+    from loraforge.run.tracking import report_to
 
     from transformers import set_seed
 
@@ -374,7 +374,7 @@ def _run(recipe: Recipe, overwrite: bool = False, quiet: bool = False) -> RunRes
         prep.model_dir, recipe, plan.precision.model_dtype,
         **base_placement(hw.kind, plan.strategy, hw.local_rank, plan.precision.model_dtype, recipe.quantization.mode),
     )
-    from .memreport import DeviceMemoryReport
+    from loraforge.run.memreport import DeviceMemoryReport
 
     memory_report = DeviceMemoryReport(plan, run_dir, hw.rank)
     memory_report.after_load(model)
@@ -390,16 +390,16 @@ def _run(recipe: Recipe, overwrite: bool = False, quiet: bool = False) -> RunRes
         _write_json(run_dir / "source.json", {"recipe": str(recipe.source) if recipe.source else None})
         _write_json(run_dir / "plan.json", plan.to_dict() | {"hardware": hw.to_dict(), "data": prep.data_summary()})
         _write_json(run_dir / "versions.json", library_versions())
-        from .tracking import configure
+        from loraforge.run.tracking import configure
 
         configure(recipe, run_dir)  # trackers' environment; they run on the main process only
     memory_report.ready = True
     memory_report.flush()
 
-    from .callbacks import MetricsFile, NonFiniteGuard
-    from .tracking import TrackedConfig
-    from .checkpoints import clean_incomplete, drop_damaged, latest_complete
-    from .trainer import make_trainer_class
+    from loraforge.run.callbacks import MetricsFile, NonFiniteGuard
+    from loraforge.run.tracking import TrackedConfig
+    from loraforge.checkpoints import clean_incomplete, drop_damaged, latest_complete
+    from loraforge.run.trainer import make_trainer_class
 
     ckpt_dir = run_dir / "checkpoints"
     if is_main:
@@ -407,7 +407,7 @@ def _run(recipe: Recipe, overwrite: bool = False, quiet: bool = False) -> RunRes
             log.info("removed incomplete checkpoint %s", leftover)
         drop_damaged(ckpt_dir)  # verified against the marker's checksums; a damaged one is moved aside
     stage("building the trainer (trl, peft; memory check)")
-    from .batching import RowCollator
+    from loraforge.run.batching import RowCollator
 
     attn = getattr(model.config, "_attn_implementation", None) or ""
     trainer = make_trainer_class()(
@@ -428,7 +428,7 @@ def _run(recipe: Recipe, overwrite: bool = False, quiet: bool = False) -> RunRes
             }),
         ],
     )
-    from .launch import check_launched, launch_record
+    from loraforge.launch.accelerate import check_launched, launch_record
 
     # What accelerate really runs (a CPU would turn FSDP into DDP, ACCELERATE_USE_CPU ZeRO into DDP, without a
     # word): in plan.json (`distributed_type`, `accelerate_config`, and `launch`: ZeRO stage, offload, world, nodes)
@@ -442,12 +442,12 @@ def _run(recipe: Recipe, overwrite: bool = False, quiet: bool = False) -> RunRes
     check_launched(launched)  # every rank: stop before training if a DeepSpeed launch came up as something else
     from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
-    from .callbacks import ProgressBar
+    from loraforge.run.callbacks import ProgressBar
 
     for default in (PrinterCallback, ProgressCallback):  # replaced by one bar with loss and tokens/s
         trainer.remove_callback(default)
     trainer.add_callback(ProgressBar(enabled=not quiet))
-    from .callbacks import StartupTimer
+    from loraforge.run.callbacks import StartupTimer
 
     startup = StartupTimer()
     trainer.add_callback(startup)
@@ -455,8 +455,8 @@ def _run(recipe: Recipe, overwrite: bool = False, quiet: bool = False) -> RunRes
     last = latest_complete(ckpt_dir)
     if last and is_main:
         log.info("resuming from %s", last)
-    from .memguard import preflight
-    from .memreport import reset_after_preflight
+    from loraforge.run.memguard import preflight
+    from loraforge.run.memreport import reset_after_preflight
 
     plan = preflight(trainer, plan, hw, tokenizer.pad_token_id, run_dir)  # shrinks micro-batch on OOM, all ranks
     reset_after_preflight(memory_report)  # the measured peak is the training steps', not the probe's
@@ -478,7 +478,7 @@ def _run(recipe: Recipe, overwrite: bool = False, quiet: bool = False) -> RunRes
     tokens = int(getattr(trainer, "_total_train_tokens", 0))
     runtime = out.metrics.get("train_runtime") or 0.0
     tps = tokens / runtime if runtime and tokens else None
-    from . import flops
+    from loraforge.plan import flops
 
     per_token = peak_flops = source = None
     if prep.shape is not None:
@@ -496,14 +496,14 @@ def _run(recipe: Recipe, overwrite: bool = False, quiet: bool = False) -> RunRes
         flops_per_token=per_token, peak_flops=peak_flops, peak_source=source, startup_s=startup.startup_s,
         startup_stages=stages,
     )
-    from .saving import check_saved_adapter, save_adapter
+    from loraforge.run.saving import check_saved_adapter, save_adapter
 
     save_adapter(trainer, run_dir)  # every rank: ZeRO-3 / FSDP gather the adapter together; rank 0 writes
     check_saved_adapter(trainer, run_dir)  # all ranks agree: the adapter is complete before the run is "finished"
     samples = final_samples(recipe, run_dir, trainer, tokenizer, plan.strategy)
     if trainer.is_world_process_zero():
         tokenizer.save_pretrained(str(run_dir))
-        from .checkpoints import write_manifest
+        from loraforge.checkpoints import write_manifest
 
         write_manifest(run_dir)  # checksums of adapter + tokenizer, verified before eval/merge/export/chat
         (run_dir / "training_args.bin").unlink(missing_ok=True)  # a pickle; recipe.yaml + plan.json say it all
@@ -511,7 +511,7 @@ def _run(recipe: Recipe, overwrite: bool = False, quiet: bool = False) -> RunRes
         if samples is not None:
             result.samples = samples
             _write_json(run_dir / "samples.json", samples)
-        from .card import write_model_card
+        from loraforge.use.card import write_model_card
 
         write_model_card(run_dir)  # README.md + plots/*.png (replaces peft's empty template)
     trainer.accelerator.wait_for_everyone()
@@ -535,7 +535,7 @@ def final_samples(recipe: Recipe, run_dir: Path, trainer, tokenizer, strategy: s
 
 def compare_samples(recipe: Recipe, run_dir: Path, tokenizer=None, model=None, write: bool = True) -> list[dict]:
     """Answer the recipe's sample prompts with the base model (adapter off) and the fine-tuned one."""
-    from .infer import answer, load_for_inference
+    from loraforge.use.infer import answer, load_for_inference
 
     if model is None:
         model, tokenizer = load_for_inference(run_dir)
@@ -559,10 +559,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--overwrite", action="store_true")
     parser.add_argument("--quiet", action="store_true")
     args = parser.parse_args(argv)
-    from .cli import quiet_libraries, run_guarded
+    from loraforge.cli import quiet_libraries, run_guarded
 
     quiet_libraries()
-    from .resources import find_recipe
+    from loraforge.resources import find_recipe
 
     def _go():
         recipe = load_recipe(find_recipe(args.recipe), args.overrides)
@@ -570,7 +570,7 @@ def main(argv: list[str] | None = None) -> int:
 
     code = run_guarded(_go)
     if code == 0:
-        from .preemption import teardown
+        from loraforge.run.preemption import teardown
 
         teardown()  # barrier + destroy_process_group: no gloo abort at exit
     return code

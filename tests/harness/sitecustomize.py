@@ -29,7 +29,7 @@ if os.environ.get("LORAFORGE_TEST_CPU_FSDP") == "1":
 
 if os.environ.get("LORAFORGE_TEST_NAN_AT_STEP"):
     _nan_step = int(os.environ["LORAFORGE_TEST_NAN_AT_STEP"])
-    from loraforge import trainer as _trainer
+    from loraforge.run import trainer as _trainer
 
     _factory = _trainer.make_trainer_class
 

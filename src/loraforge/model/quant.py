@@ -17,7 +17,7 @@ from __future__ import annotations
 import contextlib
 import logging
 
-from .errors import UserError
+from loraforge.errors import UserError
 
 log = logging.getLogger("loraforge")
 

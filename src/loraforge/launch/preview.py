@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .errors import UserError
+from loraforge.errors import UserError
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
 
@@ -26,17 +26,17 @@ def config_only_dir(recipe) -> Path | None:
 
 
 def hardware(recipe, profile: str | None, vram: float | None, gpus: int | None, nodes: int, strategy: str | None):
-    from .profiles import hardware_for
+    from loraforge.plan.profiles import hardware_for
 
     if strategy is not None and strategy != "auto":
-        from .launch import STRATEGIES
+        from loraforge.launch.accelerate import STRATEGIES
 
         if strategy not in STRATEGIES:
             raise UserError(f"--strategy {strategy}: use one of {', '.join(STRATEGIES)}")
     strategy = None if strategy in (None, "auto") else strategy
     if profile is not None or vram is not None:
         return hardware_for(profile, vram, gpus, nodes, strategy)
-    from .hardware import detect
+    from loraforge.plan.hardware import detect
 
     here = detect(force_cpu=recipe.training.device == "cpu", free_memory=True)
     if gpus is None and nodes == 1 and strategy is None:
@@ -46,13 +46,13 @@ def hardware(recipe, profile: str | None, vram: float | None, gpus: int | None, 
 
 def build(recipe, hw, trace: bool = False) -> dict:
     """Everything `plan` shows, as one JSON-able dict."""
-    from .memory import model_shape, read_model_config, shape_from_config
+    from loraforge.plan.memory import model_shape, read_model_config, shape_from_config
 
     data = None
     notes: list[str] = []
     cfg_dir = config_only_dir(recipe)
     if cfg_dir is not None:
-        from .train import make_plan
+        from loraforge.train import make_plan
 
         cfg = read_model_config(str(cfg_dir))
         shape = shape_from_config(cfg, cfg_dir.name)
@@ -62,12 +62,12 @@ def build(recipe, hw, trace: bool = False) -> dict:
         if model_max and plan.max_seq_length > model_max:
             notes.append(f"data.max_seq_length {plan.max_seq_length} is beyond the model's context of {model_max}")
     else:
-        from .train import prepare
+        from loraforge.train import prepare
 
         prep = prepare(recipe, hw)
         plan, data = prep.plan, prep.data_summary()
         try:
-            from .modeling import base_model_dir
+            from loraforge.model.modeling import base_model_dir
 
             shape = model_shape(read_model_config(base_model_dir(recipe), recipe.model.revision))
         except UserError:
@@ -86,8 +86,8 @@ def run_trace(recipe, hw, plan, shape) -> dict:
     """One traced step (FakeTensorMode) of the plan's setting, beside the analytic tensor peak."""
     if shape is None:
         raise UserError("--trace: the memory model does not know this architecture")
-    from .planner import setup_for
-    from .trace import trace_step
+    from loraforge.plan.planner import setup_for
+    from loraforge.model.trace import trace_step
 
     setup = setup_for(recipe, plan.precision, hw, "single", plan.max_seq_length).with_(
         micro_batch=plan.batch.micro_batch_size, gradient_checkpointing=plan.gradient_checkpointing, world_size=1,
@@ -96,7 +96,7 @@ def run_trace(recipe, hw, plan, shape) -> dict:
         raise UserError(f"--trace runs one process; strategy {plan.strategy} shards across processes")
     if setup.quant == "8bit":
         raise UserError("--trace: 8-bit bases are not traced (4-bit and none are)")
-    from .memory import estimate
+    from loraforge.plan.memory import estimate
 
     notes = []
     if setup.optimizer not in ("adamw_torch", "adamw_torch_fused"):  # the trace steps torch's AdamW

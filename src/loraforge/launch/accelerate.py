@@ -13,8 +13,8 @@ import shlex
 from dataclasses import dataclass
 from pathlib import Path
 
-from .errors import UserError
-from .resources import shipped_dir
+from loraforge.errors import UserError
+from loraforge.resources import shipped_dir
 
 STRATEGIES = ("single", "ddp", "fsdp", "zero2", "zero3", "zero3-offload")
 _CONFIG = {
@@ -221,8 +221,8 @@ def plan_launch(recipe, strategy: str, per_node: int | None, nodes: int, hardwar
                 vram: float | None = None) -> LaunchPlan:
     """Plan for the target topology with the memory model, pick the strategy from whether the model fits
     replicated, and refuse a plan that does not fit. Shared by `loraforge launch` and `loraforge slurm`."""
-    from . import planview
-    from .planner import BatchPlan
+    from loraforge.launch import preview as planview
+    from loraforge.plan.planner import BatchPlan
 
     def plan_for(strat: str):
         hw = planview.hardware(recipe, hardware, vram, per_node, nodes, None if strat == "single" else strat)
@@ -234,7 +234,7 @@ def plan_launch(recipe, strategy: str, per_node: int | None, nodes: int, hardwar
     if chosen != out.get("strategy"):
         hw, out = plan_for(chosen)
     if out.get("fits") is False:
-        from .planner import unfit_message
+        from loraforge.plan.planner import unfit_message
 
         raise UserError(unfit_message(out))
     batch = BatchPlan(out["micro_batch_size"], out["gradient_accumulation_steps"], out["world_size"],

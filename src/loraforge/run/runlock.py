@@ -25,8 +25,8 @@ import time
 from contextlib import contextmanager
 from pathlib import Path
 
-from . import checkpoints
-from .errors import UserError
+from loraforge import checkpoints
+from loraforge.errors import UserError
 
 LOCK_FILE = ".loraforge.lock"
 MIN_FREE = 64 << 20  # below this, not even the run's metadata and first checkpoint fit: stop before any work

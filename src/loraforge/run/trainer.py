@@ -26,8 +26,8 @@ import shutil
 import time
 from pathlib import Path
 
-from .checkpoints import STAGING, checkpoint_estimate, ensure_free_space, latest_complete, rotate, write_marker
-from .errors import UserError
+from loraforge.checkpoints import STAGING, checkpoint_estimate, ensure_free_space, latest_complete, rotate, write_marker
+from loraforge.errors import UserError
 
 
 def peak_memory_gib() -> tuple[float, str]:
@@ -84,7 +84,7 @@ def add_plain_lm_head(model) -> None:
 
 
 def _quantized(model) -> bool:
-    from .quant import is_quantized
+    from loraforge.model.quant import is_quantized
 
     return is_quantized(model)
 
@@ -95,14 +95,14 @@ def make_trainer_class():
 
     import torch
 
-    from .batching import split_rows
+    from loraforge.run.batching import split_rows
 
     class LoraforgeTrainer(SFTTrainer):
         _lf_last: tuple[float, int] | None = None
         _lf_pending = None
 
         def __init__(self, *args, loss_head: str = "fused", rows_per_forward: int | None = None, **kwargs):
-            from .quant import adapter_dtype, keep_adapter_dtype, optimizer_fallback, training_ready
+            from loraforge.model.quant import adapter_dtype, keep_adapter_dtype, optimizer_fallback, training_ready
 
             model, targs = kwargs.get("model"), kwargs.get("args")
             if targs is not None:
@@ -128,7 +128,7 @@ def make_trainer_class():
             self.loss_is_scaled_for_ga = True  # compute_loss divides by the step's loss-token count
 
         def _lf_mutating_init(self):
-            from .quant import MUTATING_INITS
+            from loraforge.model.quant import MUTATING_INITS
 
             config = getattr(self.model, "peft_config", {}).get("default")
             return config is not None and config.init_lora_weights in MUTATING_INITS

@@ -88,8 +88,8 @@ class NonFiniteGuard(TrainerCallback):
         self.skipped = 0
 
     def _stop(self, step: int, why: str = "the loss or gradients became NaN/inf"):
-        from .checkpoints import latest_complete
-        from .errors import UserError
+        from loraforge.checkpoints import latest_complete
+        from loraforge.errors import UserError
 
         last = latest_complete(self.checkpoint_root) if self.checkpoint_root else None
         kept = f"the last good checkpoint is {last}" if last else "no checkpoint was saved yet"
@@ -178,7 +178,7 @@ class ProgressBar(TrainerCallback):
 
 def process_start_time() -> float:
     """When this process started (status.process_start_time)."""
-    from .status import process_start_time as started
+    from loraforge.run.status import process_start_time as started
 
     return started()
 

@@ -13,8 +13,8 @@ from pathlib import Path
 
 from transformers import TrainerCallback
 
-from .errors import UserError
-from .recipe import Recipe
+from loraforge.errors import UserError
+from loraforge.recipe import Recipe
 
 IDS_FILE = "tracking.json"
 

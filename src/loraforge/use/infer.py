@@ -6,7 +6,7 @@ import json
 import logging
 from pathlib import Path
 
-from .errors import UserError
+from loraforge.errors import UserError
 
 log = logging.getLogger("loraforge")
 
@@ -16,7 +16,7 @@ def is_run_dir(path: Path) -> bool:
 
 
 def _load_run_recipe(run_dir: Path):
-    from .recipe import load_recipe
+    from loraforge.recipe import load_recipe
 
     recipe_file = run_dir / "recipe.yaml"
     if not recipe_file.is_file():
@@ -40,7 +40,7 @@ def load_for_inference(path: str | Path, device: str | None = None, full_precisi
     path = Path(path)
     if not path.is_dir():
         raise UserError(f"{path}: not a directory; give a run directory or a merged model directory")
-    from .checkpoints import verify_dir
+    from loraforge.checkpoints import verify_dir
 
     verify_dir(path)  # a truncated or altered adapter/model file: one line, not a SafetensorError
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
@@ -49,12 +49,12 @@ def load_for_inference(path: str | Path, device: str | None = None, full_precisi
     if is_run_dir(path):
         from peft import PeftModel
 
-        from .modeling import base_model_dir
+        from loraforge.model.modeling import base_model_dir
 
         recipe = _load_run_recipe(path)
         kwargs = {}
         if recipe.quantization.mode != "none" and not full_precision:
-            from .quant import bnb_config, describe
+            from loraforge.model.quant import bnb_config, describe
 
             kwargs = {"quantization_config": bnb_config(recipe.quantization, str(dtype).removeprefix("torch.")),
                       "device_map": {"": device}}
@@ -128,8 +128,8 @@ def note_full_precision_reload(run_dir: Path) -> None:
     recipe = _load_run_recipe(Path(run_dir))
     if recipe.quantization.mode == "none":
         return
-    from .modeling import base_model_dir
-    from .quant import describe, full_precision_bytes
+    from loraforge.model.modeling import base_model_dir
+    from loraforge.model.quant import describe, full_precision_bytes
 
     need = full_precision_bytes(base_model_dir(recipe))
     size = f"about {need / 2**30:.1f} GiB of RAM" if need else "4 bytes per parameter of RAM"

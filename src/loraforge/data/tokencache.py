@@ -62,7 +62,7 @@ def entry(key: str) -> Path:
 
 
 def _entry(key: str) -> Path:
-    from .modeling import cache_root
+    from loraforge.model.modeling import cache_root
 
     return cache_root() / "tokenized" / key
 

@@ -14,7 +14,7 @@ import logging
 from collections import Counter
 from pathlib import Path
 
-from .errors import UserError
+from loraforge.errors import UserError
 
 log = logging.getLogger("loraforge")
 ADAPTER_FILE = "adapter_model.safetensors"
@@ -103,7 +103,7 @@ def adapter_problem(run_dir: Path, expected: Counter) -> str | None:
 def check_saved_adapter(trainer, run_dir: Path) -> None:
     """Stop (on every rank together) unless the adapter in `run_dir` is complete; nothing marks the run
     finished then, and a rerun resumes from the last checkpoint."""
-    from .memguard import _any_rank
+    from loraforge.run.memguard import _any_rank
 
     trainer.accelerator.wait_for_everyone()  # rank 0 has finished writing
     model = trainer.accelerator.unwrap_model(trainer.model)

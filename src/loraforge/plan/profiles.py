@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .errors import UserError
+from loraforge.errors import UserError
 
 PROFILES_FILE = Path(__file__).with_name("hardware_profiles.yaml")
 
@@ -30,7 +30,7 @@ def hardware_for(
     """A `Hardware` for a profile name, or a card of `vram_gib`, with `gpus` per node on `nodes` nodes.
 
     Without a profile or --vram, `detected` (this machine) is the base and only the topology is replaced."""
-    from .hardware import Gpu, Hardware
+    from loraforge.plan.hardware import Gpu, Hardware
 
     if nodes < 1 or (gpus is not None and gpus < 1):
         raise UserError("--gpus and --nodes must be at least 1")
@@ -63,6 +63,6 @@ def hardware_for(
 
 
 def _ram_gib() -> float:
-    from .hardware import _ram_gib as ram
+    from loraforge.plan.hardware import _ram_gib as ram
 
     return ram()

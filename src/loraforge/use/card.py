@@ -92,7 +92,7 @@ def _last(records: list[dict], key: str):
 
 def build_card(run_dir: str | Path, plots: dict[str, Path] | None = None) -> str:
     """The model card's Markdown for `run_dir` (plots: {name: path} to embed; default: those present)."""
-    from .report import PLOT_FILES, PLOTS_DIR, read_metrics
+    from loraforge.use.report import PLOT_FILES, PLOTS_DIR, read_metrics
 
     run_dir = Path(run_dir)
     recipe = _yaml(run_dir / "recipe.yaml")
@@ -236,7 +236,7 @@ def build_card(run_dir: str | Path, plots: dict[str, Path] | None = None) -> str
             ("throughput (tokens/s)", s.get("tokens_per_second")),
             ("wall time (s)", s.get("wall_s")),
         ]
-        from .report import memory_numbers
+        from loraforge.use.report import memory_numbers
 
         memory = memory_numbers(run_dir)
         rows.append(("predicted peak memory (GiB)", memory["predicted"]))
@@ -307,7 +307,7 @@ def write_model_card(run_dir: str | Path, plots: bool = True) -> Path:
     made = None
     if plots:
         try:
-            from .report import make_plots
+            from loraforge.use.report import make_plots
 
             made = make_plots(run_dir)
         except Exception as e:  # noqa: BLE001 - pictures are a nicety; the card must still be written

@@ -15,7 +15,7 @@ import math
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from .errors import UserError
+from loraforge.errors import UserError
 
 EVAL_FILE = "eval.json"
 
@@ -40,8 +40,8 @@ class EvalReport:
 
 def held_out_examples(recipe, data: str | Path | None) -> tuple[list[dict], str]:
     """(normalised examples, description): `data` if given, else the run's eval split + eval sources."""
-    from . import data as data_mod
-    from .recipe import DataSource
+    from loraforge.data import dataset as data_mod
+    from loraforge.recipe import DataSource
 
     if data is not None:
         path = Path(data).expanduser().resolve()
@@ -108,14 +108,14 @@ def _score(total: float, count: int) -> ModelScore:
 def evaluate_run(run_dir: str | Path, data: str | Path | None = None, batch_size: int = 8, model=None, tokenizer=None,
                  write: bool = True) -> EvalReport:
     """Score the held-out data with the base model (adapter disabled) and the fine-tuned one."""
-    from . import data as data_mod
-    from .infer import _load_run_recipe, is_run_dir, load_for_inference
+    from loraforge.data import dataset as data_mod
+    from loraforge.use.infer import _load_run_recipe, is_run_dir, load_for_inference
 
     run_dir = Path(run_dir)
     if not is_run_dir(run_dir):
         raise UserError(f"{run_dir}: no adapter_config.json; give a run directory written by `loraforge train`")
     if model is None:
-        from .checkpoints import verify_dir
+        from loraforge.checkpoints import verify_dir
 
         verify_dir(run_dir)  # before reading anything else: a damaged adapter is the first thing to hear about
     recipe = _load_run_recipe(run_dir)

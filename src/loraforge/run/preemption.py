@@ -82,7 +82,7 @@ def exit_if_preempted(trainer, stop: StopOnSignal, run_dir: Path) -> None:
     if stop.stopped_at is None or state.global_step >= state.max_steps:
         stop.restore()
         return
-    from .checkpoints import latest_complete
+    from loraforge.checkpoints import latest_complete
 
     last = latest_complete(Path(run_dir) / "checkpoints")
     if trainer.is_world_process_zero():

@@ -141,7 +141,7 @@ def _targeted(name: str, targets) -> bool:
 def shape_from_config(cfg: dict, name: str = "") -> ModelShape:
     """A ModelShape from a config.json dict: any decoder-only causal LM transformers ships (arch.inventory);
     UserError (one line: why, and what to set by hand) for what cannot be planned."""
-    from .arch import inventory
+    from loraforge.plan.arch import inventory
 
     inv = dict(inventory(cfg, name))
     total = inv.pop("total_params", None)
@@ -155,7 +155,7 @@ def shape_from_config(cfg: dict, name: str = "") -> ModelShape:
 
 def read_model_config(name_or_path: str, revision: str | None = None) -> dict:
     """config.json of a local directory (nothing else needed in it) or of a hub id (downloaded alone, cached)."""
-    from .errors import UserError
+    from loraforge.errors import UserError
 
     p = Path(name_or_path).expanduser()
     if p.is_dir():
@@ -512,7 +512,7 @@ def model_shape(config: dict, name: str = "") -> ModelShape | None:
     reason is logged in one line (memory is not checked)."""
     import logging
 
-    from .errors import UserError
+    from loraforge.errors import UserError
 
     try:
         return shape_from_config(config, name)

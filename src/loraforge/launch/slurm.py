@@ -27,8 +27,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .errors import UserError
-from .resources import shipped_dir
+from loraforge.errors import UserError
+from loraforge.resources import shipped_dir
 
 DEFAULT_SIGNAL_LEAD_S = 300
 # Shell words that need no quoting inside the single-quoted `bash -c '...'` (same set as shlex.quote).
@@ -97,8 +97,8 @@ class Composed:
 
 def compose(recipe, recipe_path: str, opts: SlurmOptions, overrides: list[str] | tuple = ()) -> Composed:
     """The plan's batch split for nodes x processes, and `loraforge launch`'s accelerate arguments."""
-    from .launch import Topology, accelerate_args, choose_strategy, plan_launch
-    from .planner import plan_batch
+    from loraforge.launch.accelerate import Topology, accelerate_args, choose_strategy, plan_launch
+    from loraforge.plan.planner import plan_batch
 
     if opts.nodes < 1 or opts.gpus_per_node < 1:
         raise UserError("--nodes and --gpus-per-node must be at least 1")
@@ -162,7 +162,7 @@ def node_env(args: list[str], opts: SlurmOptions) -> list[str]:
     cpus = '${SLURM_CPUS_PER_TASK:-%d}' % per
     lines = [f'export OMP_NUM_THREADS="${{OMP_NUM_THREADS:-$(( {cpus} / {per} > 0 ? {cpus} / {per} : 1 ))}}"']
     if "--config_file" in args:
-        from .launch import CONFIG_ENV
+        from loraforge.launch.accelerate import CONFIG_ENV
 
         lines.append(f"export {CONFIG_ENV}={Path(args[args.index('--config_file') + 1]).name}")
     return lines
@@ -288,8 +288,8 @@ def job_state(job_id: str) -> dict:
 
 
 def run_progress(run_dir: Path) -> dict:
-    from .checkpoints import latest_complete
-    from .train import DONE_FILE
+    from loraforge.checkpoints import latest_complete
+    from loraforge.train import DONE_FILE
 
     run_dir = Path(run_dir)
     out: dict = {"run_dir": str(run_dir), "finished": (run_dir / DONE_FILE).is_file()}
@@ -318,7 +318,7 @@ def run_progress(run_dir: Path) -> dict:
         out["world_size"] = json.loads(plan.read_text()).get("world_size")
     ckpt = latest_complete(run_dir / "checkpoints")
     out["latest_checkpoint"] = str(ckpt) if ckpt else None
-    from .preemption import MARKER_FILE
+    from loraforge.run.preemption import MARKER_FILE
 
     if (run_dir / MARKER_FILE).is_file():
         out["preempted"] = json.loads((run_dir / MARKER_FILE).read_text())

@@ -297,7 +297,7 @@ def detect(force_cpu: bool = False, free_memory: bool = False) -> Hardware:
     strategy = None
     if topo["world_size"] > 1:
         try:
-            from .launch import strategy_from_env
+            from loraforge.launch.accelerate import strategy_from_env
 
             strategy = strategy_from_env()
         except ImportError:

@@ -200,7 +200,7 @@ def seq_candidates(requested: int | str, longest_sample: int, model_max: int | N
 def truncated_share(lengths: list[int] | None, seq: int) -> float | None:
     if not lengths:
         return None
-    from .data import truncation_report
+    from loraforge.data.dataset import truncation_report
 
     return truncation_report(lengths, seq)[1]
 
@@ -222,7 +222,7 @@ def fsdp_qlora_load_bytes(shape, setup) -> int | None:
     load is not that case. accelerate skips RAM-efficient (rank-0) loading for 4-bit models and transformers
     excludes quantized models from it, so every rank quantizes the whole base on its own GPU (4-bit linears,
     quantization constants, the rest upcast to fp32 by peft) before `fully_shard` splits it."""
-    from .memory import estimate
+    from loraforge.plan.memory import estimate
 
     if setup.quant != "4bit" or setup.strategy != "fsdp" or setup.world_size <= 1:
         return None
@@ -233,7 +233,7 @@ def fsdp_qlora_load_bytes(shape, setup) -> int | None:
 
 def peak_estimate(shape, setup):
     """memory.estimate, plus the load-time peak where loading needs more than a step (FSDP + QLoRA)."""
-    from .memory import GIB, MemoryEstimate, estimate
+    from loraforge.plan.memory import GIB, MemoryEstimate, estimate
 
     est = estimate(shape, setup)
     load = fsdp_qlora_load_bytes(shape, setup)
@@ -262,7 +262,7 @@ def solve(
     """The first setting that fits `budget_gib`, in this order of preference: the longest allowed sequence, then
     no gradient checkpointing, then the largest micro-batch. Accumulation = global / (micro x world) exactly.
     `setup` (memory.TrainSetup) carries everything else (quantization, LoRA, optimizer, world, strategy)."""
-    from .memory import GIB
+    from loraforge.plan.memory import GIB
 
     estimate = peak_estimate
 
@@ -317,7 +317,7 @@ def solve(
 
 def suggest(shape, setup, budget_gib: float, lengths: list[int] | None = None) -> list[str]:
     """What would fit when nothing does, each with its predicted GiB per device."""
-    from .memory import GIB
+    from loraforge.plan.memory import GIB
 
     estimate = peak_estimate
 
@@ -405,7 +405,7 @@ def execution(batch: BatchPlan, training, cpu: bool) -> tuple[BatchPlan, int, st
 
 def setup_for(recipe, precision: Precision, hw, strategy: str, seq_len: int = 512):
     """The memory model's view of what the trainer will run for `recipe` on `hw`."""
-    from .memory import TrainSetup
+    from loraforge.plan.memory import TrainSetup
 
     lora, q = recipe.lora, recipe.quantization
     targets = lora.target_modules if isinstance(lora.target_modules, str) else tuple(lora.target_modules)
@@ -432,8 +432,8 @@ def setup_for(recipe, precision: Precision, hw, strategy: str, seq_len: int = 51
 def plan_with_memory(recipe, hw, precision: Precision, strategy: str, shape, longest_sample: int,
                      model_max: int | None, lengths: list[int] | None = None) -> Plan:
     """The plan from the memory model: what fits `hw`'s budget, keeping the recipe's global batch."""
-    from .arch import check_setup
-    from .arch import notes as arch_notes
+    from loraforge.plan.arch import check_setup
+    from loraforge.plan.arch import notes as arch_notes
 
     t = recipe.training
     check_setup(shape, recipe.quantization.mode, recipe.lora.target_modules, recipe.lora.dropout,

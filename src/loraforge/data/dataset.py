@@ -17,8 +17,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .errors import UserError
-from .recipe import DataSource, Recipe
+from loraforge.errors import UserError
+from loraforge.recipe import DataSource, Recipe
 
 ROLE_ALIASES = {
     "system": "system",
@@ -557,7 +557,7 @@ def tokenized_data(recipe: Recipe, tokenizer, scan: Scan, write_cache: bool = Tr
     (lengths, the held-out indices), whatever the size of the files."""
     from datasets import Dataset
 
-    from . import tokencache
+    from loraforge.data import tokencache
 
     d = recipe.data
     held, n_extra = scan.held, scan.eval_extra

@@ -20,7 +20,7 @@ import json
 import os
 from pathlib import Path
 
-from .errors import UserError
+from loraforge.errors import UserError
 
 BY_HAND = "set training.micro_batch_size / gradient_accumulation_steps / gradient_checkpointing by hand"
 

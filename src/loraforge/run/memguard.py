@@ -23,7 +23,7 @@ import os
 from dataclasses import replace
 from pathlib import Path
 
-from .errors import UserError
+from loraforge.errors import UserError
 
 log = logging.getLogger("loraforge")
 SIMULATE_ENV = "LORAFORGE_SIMULATE_OOM"
