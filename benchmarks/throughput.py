@@ -159,11 +159,11 @@ def child_textbook(model_dir: Path, data: Path, steps: int, lr: float, out: Path
 
 
 def child_trl(model_dir: Path, data: Path, steps: int, lr: float, out: Path) -> dict:
+    import torch
     from datasets import Dataset
     from peft import LoraConfig
     from transformers import AutoModelForCausalLM, AutoTokenizer, set_seed
     from trl import SFTConfig, SFTTrainer
-    import torch
 
     tok = AutoTokenizer.from_pretrained(model_dir)
     ds = Dataset.from_list(_records(data / "train.jsonl"))
@@ -343,7 +343,7 @@ def main() -> int:
     a = p.parse_args()
 
     if a.child:
-        from loraforge.cli import quiet_libraries
+        from loraforge.console import quiet_libraries
 
         quiet_libraries()
         model_dir, data, out = Path(a.model_dir), Path(a.data), Path(a.out)
@@ -357,8 +357,8 @@ def main() -> int:
 
     from chat_data import write
 
-    from loraforge.run.callbacks import format_stages
     from loraforge.plan.flops import gpu_peak_flops, robust_cpu_peak
+    from loraforge.run.status import format_stages
 
     work = Path(a.work).resolve()
     data = work / "data"

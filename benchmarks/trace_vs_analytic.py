@@ -68,8 +68,8 @@ def main() -> int:
     warnings.filterwarnings("ignore")
     import json
 
-    from loraforge.plan.memory import TrainSetup, estimate, shape_from_config
     from loraforge.model.trace import trace_step
+    from loraforge.plan.memory import TrainSetup, estimate, shape_from_config
 
     todo = [r + ("all-linear",) for r in rows(args.quick)]
     if args.families:

@@ -13,14 +13,13 @@ from pathlib import Path
 
 import pytest
 import yaml
+from arch_fixtures import SMALL_CONFIGS
 from typer.testing import CliRunner
 
-from loraforge.plan import arch
 from loraforge.cli import app
 from loraforge.errors import UserError
+from loraforge.plan import arch
 from loraforge.plan.memory import TrainSetup, estimate, shape_from_config
-
-from arch_fixtures import SMALL_CONFIGS
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = REPO / "tests" / "fixtures" / "configs"
@@ -256,12 +255,12 @@ def _tiny_model(family: str, tokenizer, out: Path):
 def test_tiny_model_of_every_family_resolves_targets_and_trains(family, tmp_path, tiny_tokenizer):
     """LoRA targets resolve to the family's real module names (a wrong one is named against them), and a short
     training run on a random model of the family lowers the loss."""
+    from conftest import chat_records, recipe_dict, write_jsonl
     from transformers import AutoModelForCausalLM
 
-    from conftest import chat_records, recipe_dict, write_jsonl
     from loraforge.model.modeling import lora_config
     from loraforge.recipe import LoraSection
-    from loraforge.train import run
+    from loraforge.run.session import run
 
     model_dir = _tiny_model(family, tiny_tokenizer, tmp_path / "model")
     shape = shape_from_config(json.loads((model_dir / "config.json").read_text()))

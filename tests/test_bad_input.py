@@ -8,11 +8,11 @@ from pathlib import Path
 
 import pytest
 import yaml
+from conftest import chat_records, recipe_dict, write_jsonl
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from typer.testing import CliRunner
 
-from conftest import chat_records, recipe_dict, write_jsonl
 from loraforge.cli import app
 from loraforge.data.dataset import normalise, read_source
 from loraforge.errors import UserError

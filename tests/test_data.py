@@ -6,15 +6,9 @@ import json
 
 import pytest
 
-from loraforge.data.dataset import (
-    detect_format,
-    load_examples,
-    normalise,
-    split_eval,
-    tokenize_example,
-    truncation_report,
-)
+from loraforge.data.dataset import detect_format, load_examples, normalise, split_eval, tokenize_example
 from loraforge.errors import UserError
+from loraforge.plan.planner import truncation_report
 from loraforge.recipe import recipe_from_dict
 
 

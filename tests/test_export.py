@@ -15,9 +15,9 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from conftest import CHATS, chat_records, recipe_dict, write_jsonl
 from typer.testing import CliRunner
 
-from conftest import CHATS, chat_records, recipe_dict, write_jsonl
 from loraforge.cli import app
 from loraforge.errors import UserError
 

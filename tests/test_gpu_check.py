@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from loraforge.run import gpu_check as gc
 from loraforge.errors import UserError
+from loraforge.run import gpu_check as gc
 
 FIXTURES = Path(__file__).parent / "fixtures" / "configs"
 

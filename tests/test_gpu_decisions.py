@@ -10,7 +10,8 @@ import subprocess
 import pytest
 
 from loraforge.errors import UserError
-from loraforge.launch.accelerate import Topology, accelerate_args, check_supported, choose_strategy
+from loraforge.launch.accelerate import Topology, accelerate_args
+from loraforge.plan.strategy import check_supported, choose_strategy
 from loraforge.resources import shipped_dir
 
 # ------------------------------------------------------------------ DeepSpeed over several nodes
@@ -193,8 +194,8 @@ def test_cuda_visible_devices_mapping():
 def test_launch_counts_gpus_without_cuda(monkeypatch, make_recipe):
     from typer.testing import CliRunner
 
-    from loraforge.plan import hardware
     from loraforge.cli import app
+    from loraforge.plan import hardware
 
     _no_cuda(monkeypatch)
     nvml = FakeNvml([("NVIDIA A100-SXM4-80GB", 80, 79.0)] * 4)
@@ -255,8 +256,8 @@ def test_preflight_backs_off_on_a_cublas_allocation_failure(monkeypatch):
 
     import torch
 
-    from loraforge.run import memguard
     from loraforge.plan.planner import BatchPlan
+    from loraforge.run import memguard
 
     seen = []
 
@@ -326,7 +327,7 @@ def test_cpu_jobs_do_not_turn_deepspeed_off(make_recipe):
 
 
 def test_a_deepspeed_launch_that_accelerate_runs_as_ddp_stops():
-    from loraforge.launch.accelerate import check_launched
+    from loraforge.run.launched import check_launched
 
     check_launched({"strategy": "zero2", "distributed_type": "DEEPSPEED"})
     check_launched({"strategy": "ddp", "distributed_type": "MULTI_CPU"})

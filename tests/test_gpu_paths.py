@@ -15,8 +15,8 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from loraforge.plan import gpu_pin
 from loraforge.errors import UserError
+from loraforge.plan import gpu_pin
 
 
 # ---------------------------------------------------------------- 1. one process, one GPU
@@ -42,7 +42,7 @@ def test_the_pin_happens_before_cuda_and_is_in_the_plan(make_recipe, monkeypatch
     """train.run on a (mocked) 8-GPU machine sets CUDA_VISIBLE_DEVICES=0 before anything else and says so in
     plan.json; the decision reads NVML's count, which opens no CUDA context."""
     from loraforge.recipe import load_recipe
-    from loraforge.train import run
+    from loraforge.run.session import run
 
     # recorded by monkeypatch first, so the value the pin sets is undone afterwards (later tests launch processes)
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "unset-me")
@@ -67,8 +67,8 @@ def test_the_pin_happens_before_cuda_and_is_in_the_plan(make_recipe, monkeypatch
 
 
 def test_plan_says_so_for_a_multi_gpu_profile(make_recipe, monkeypatch):
+    from loraforge.plan.planner import make_plan
     from loraforge.recipe import load_recipe
-    from loraforge.train import make_plan
 
     monkeypatch.setattr(gpu_pin, "_NOTE", [])
     hw = SimpleNamespace(kind="cuda", bf16=True, world_size=1, gpus=(object(),) * 4, strategy=None)
@@ -95,14 +95,13 @@ def test_a_quantized_base_is_placed_on_its_own_rank_under_every_strategy(strateg
 def test_training_arguments_exist_before_the_model_loads(make_recipe, monkeypatch):
     """The SFTConfig (which registers a ZeRO-3 config for zero.Init and sets the rank's device) is built
     before `from_pretrained` runs — the order a ZeRO-3 / FSDP+QLoRA run needs."""
-    from loraforge import train
-    from loraforge.model import modeling
     from loraforge.recipe import load_recipe
+    from loraforge.run import session as train
 
     order = []
-    real_cfg, real_load = train.sft_config, modeling.load_base_model
+    real_cfg, real_load = train.sft_config, train.load_base_model
     monkeypatch.setattr(train, "sft_config", lambda *a, **k: order.append("args") or real_cfg(*a, **k))
-    monkeypatch.setattr(modeling, "load_base_model", lambda *a, **k: order.append("model") or real_load(*a, **k))
+    monkeypatch.setattr(train, "load_base_model", lambda *a, **k: order.append("model") or real_load(*a, **k))
     recipe = load_recipe(make_recipe(training={"max_steps": 1, "global_batch_size": 2, "micro_batch_size": 2,
                                                "device": "cpu"}))
     train.run(recipe, quiet=True)
@@ -113,7 +112,7 @@ def test_zero_ranks_do_not_tell_accelerate_cpu():
     """accelerate engages DeepSpeed only when not told `cpu` (state.py), and counts one process without a
     backend: ZeRO on a CPU machine keeps use_cpu off and names gloo (the 2-process tests in test_launch.py
     assert that DeepSpeed really ran: plan.json's distributed_type)."""
-    from loraforge.train import device_kwargs
+    from loraforge.run.sftconfig import device_kwargs
 
     assert device_kwargs(True, "single") == {"use_cpu": True, "ddp_backend": None}
     assert device_kwargs(True, "ddp") == {"use_cpu": True, "ddp_backend": "gloo"}
@@ -269,7 +268,7 @@ def test_the_cuda_peak_is_reset_after_the_preflight(monkeypatch, tmp_path):
 
 def test_memory_json_after_a_cpu_run(make_recipe):
     from loraforge.recipe import load_recipe
-    from loraforge.train import run
+    from loraforge.run.session import run
 
     recipe = load_recipe(make_recipe(training={"max_steps": 2, "global_batch_size": 2, "micro_batch_size": 2,
                                                "device": "cpu"}))

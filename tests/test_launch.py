@@ -12,20 +12,12 @@ from pathlib import Path
 
 import pytest
 import yaml
+from conftest import chat_records, recipe_dict, write_jsonl
 from safetensors.torch import load_file
 
-from conftest import chat_records, recipe_dict, write_jsonl
 from loraforge.errors import UserError
-from loraforge.launch.accelerate import (
-    STRATEGIES,
-    Topology,
-    accelerate_args,
-    check_supported,
-    choose_strategy,
-    config_file,
-    render_command,
-    strategy_from_env,
-)
+from loraforge.launch.accelerate import Topology, accelerate_args, config_file, render_command
+from loraforge.plan.strategy import STRATEGIES, check_supported, choose_strategy, strategy_from_env
 from loraforge.resources import shipped_dir
 
 CONFIGS = sorted(shipped_dir("accelerate_configs").glob("*.yaml"))

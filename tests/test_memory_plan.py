@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from conftest import chat_records, recipe_dict, write_jsonl
 from typer.testing import CliRunner
 
 from loraforge.cli import app
@@ -19,8 +20,6 @@ from loraforge.errors import UserError
 from loraforge.plan.memory import GIB, ModelShape, TrainSetup, estimate, shape_from_config
 from loraforge.plan.planner import micro_batch_candidates, seq_candidates, solve
 from loraforge.plan.profiles import hardware_for, load_profiles
-
-from conftest import chat_records, recipe_dict, write_jsonl
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = REPO / "tests" / "fixtures" / "configs"
@@ -230,12 +229,14 @@ def test_plan_that_does_not_fit_is_refused_by_train(tmp_path, tiny_model_dir, mo
     """`train` uses the same plan: a budget nothing fits stops before any model is loaded, naming what would fit."""
     from loraforge.plan import hardware
     from loraforge.recipe import load_recipe
-    from loraforge.train import run
+    from loraforge.run.session import run
 
     data = write_jsonl(tmp_path / "d.jsonl", chat_records(8))
     path = tmp_path / "r.yaml"
     path.write_text(yaml.safe_dump(recipe_dict(tiny_model_dir, data, tmp_path / "run")))
-    monkeypatch.setattr(hardware, "detect", lambda **kw: hardware.Hardware(kind="cpu", ram_gib=0.0001))
+    from loraforge.run import session
+
+    monkeypatch.setattr(session, "detect", lambda **kw: hardware.Hardware(kind="cpu", ram_gib=0.0001))
     with pytest.raises(UserError, match="does not fit: .* What would fit"):
         run(load_recipe(path), quiet=True)
     assert not (tmp_path / "run").exists()

@@ -13,11 +13,10 @@ import logging
 import pytest
 import torch
 import yaml
+from conftest import chat_records, recipe_dict, write_jsonl
 
 from loraforge.errors import UserError
 from loraforge.recipe import load_recipe
-
-from conftest import chat_records, recipe_dict, write_jsonl
 
 bnb = pytest.importorskip("bitsandbytes")
 
@@ -28,8 +27,8 @@ def _losses(run_dir):
 
 def train_capturing(recipe, monkeypatch):
     """train.run(recipe), also returning the peft model it trained (captured from modeling.add_lora)."""
-    from loraforge.model import modeling
-    from loraforge.train import run
+    from loraforge.run import session as modeling
+    from loraforge.run.session import run
 
     seen = {}
     original = modeling.add_lora
@@ -267,7 +266,7 @@ def test_qlora_resume_equals_the_uninterrupted_run(tmp_path, tiny_model_dir, mon
     from safetensors.torch import load_file
 
     from loraforge.run import trainer as trainer_mod
-    from loraforge.train import run
+    from loraforge.run.session import run
 
     def recipe(name):
         d = tmp_path / name
@@ -402,7 +401,7 @@ def test_olora_over_a_4bit_base_trains(tmp_path, tiny_model_dir, monkeypatch):
     ("loftq", "none", "lora.init: loftq is not offered"),
 ])
 def test_unsupported_inits_are_refused_in_one_line(init, quant, message, tmp_path, tiny_model_dir):
-    from loraforge.train import run
+    from loraforge.run.session import run
 
     recipe = write_recipe(tmp_path, tiny_model_dir, lora={"r": 8, "alpha": 16, "init": init}, quantization={"mode": quant})
     with pytest.raises(UserError, match=message) as e:
@@ -447,8 +446,8 @@ def test_memory_model_quantized_bytes_match_the_loaded_model(arch, tmp_path_fact
     against the storage of the model bitsandbytes really loads here (quant.loaded_bytes): within 5%."""
     from transformers import AutoConfig, AutoModelForCausalLM, BitsAndBytesConfig
 
-    from loraforge.plan.memory import TrainSetup, estimate, model_shape
     from loraforge.model.quant import loaded_bytes
+    from loraforge.plan.memory import TrainSetup, estimate, model_shape
 
     model_dir = _smollm2_dir() if arch.startswith("smollm2") else _random_qwen2_dir(tmp_path_factory)
     shape = model_shape(AutoConfig.from_pretrained(model_dir).to_dict())

@@ -45,7 +45,6 @@ def test_quickstart_teaches_a_fact_seen_in_answers_to_unseen_questions(tmp_path)
 
     # The run's story: TensorBoard events and the offline W&B run both hold the loss curve.
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
     from test_tracking import _wandb_records
 
     events = EventAccumulator(str(run_dir / "tensorboard")).Reload()

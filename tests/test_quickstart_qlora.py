@@ -40,8 +40,9 @@ def test_qlora_quickstart_teaches_the_fact_and_merges(tmp_path):
     # Agreement: 4-bit base + adapter (what trained, what eval/chat load) vs the adapter merged into the
     # full-precision base. They differ by NF4's rounding of the base only, so their disagreement must be
     # about that of the two bases themselves (adapter off), measured the same way; and the answers agree.
-    from loraforge.use.infer import load_for_inference, merge
     from transformers import AutoModelForCausalLM
+
+    from loraforge.use.infer import load_for_inference, merge
 
     adapted, tok = load_for_inference(run_dir, device="cpu")
     merged = AutoModelForCausalLM.from_pretrained(merge(run_dir, tmp_path / "merged")).eval()

@@ -15,7 +15,6 @@ from pathlib import Path
 
 import pytest
 import yaml
-
 from conftest import chat_records, recipe_dict, write_jsonl
 
 TESTS = Path(__file__).parent
@@ -185,7 +184,7 @@ def _ckpt_recipe(tmp: Path, model_dir: Path, name: str):
 @pytest.fixture(scope="module")
 def finished(tmp_path_factory, tiny_model_dir):
     """An uninterrupted run of 8 steps with checkpoints 4, 6 and 8 kept."""
-    from loraforge.train import run
+    from loraforge.run.session import run
 
     tmp = tmp_path_factory.mktemp("verified")
     recipe = _ckpt_recipe(tmp, tiny_model_dir, "reference")
@@ -208,7 +207,7 @@ def test_truncated_checkpoint_falls_back_to_the_newest_intact_one(finished, tiny
 
     from loraforge.checkpoints import complete_checkpoints, verify
     from loraforge.recipe import dump_recipe
-    from loraforge.train import run
+    from loraforge.run.session import run
 
     tmp, reference = finished
     name = f"crashed-{damaged_file.split('.')[0]}"
@@ -357,10 +356,10 @@ def test_peak_is_the_best_of_several_measurements(monkeypatch):
 
 
 def test_mfu_never_above_100_percent_under_a_busy_peak(make_recipe, monkeypatch):
-    from loraforge.plan import flops
     from loraforge.cli import _print_result, console
+    from loraforge.plan import flops
     from loraforge.recipe import load_recipe
-    from loraforge.train import run
+    from loraforge.run.session import run
 
     monkeypatch.setattr(flops, "_best_cpu_peak", 0.0)
     monkeypatch.setattr(flops, "measure_cpu_matmul_peak", lambda: 1e3)  # measured while other work held the cores
@@ -394,9 +393,8 @@ def test_installed_versions_equal_the_constraints():
 def test_install_uses_the_constraints_and_pyproject_allows_them():
     import tomllib
 
-    from packaging.requirements import Requirement
-
     import constraints_check
+    from packaging.requirements import Requirement
 
     script = (constraints_check.CONSTRAINTS.parent / "install.sh").read_text()
     assert "-c constraints.txt" in script and "LORAFORGE_UNPINNED" in script
@@ -421,7 +419,8 @@ BOUNDED = textwrap.dedent(
     from pathlib import Path
     sys.path.insert(0, sys.argv[1])
     import conftest
-    from loraforge.data.dataset import scan_data, tokenized_data, training_rows, truncation_report
+    from loraforge.data.dataset import scan_data, tokenized_data, training_rows
+    from loraforge.plan.planner import truncation_report
     from loraforge.recipe import recipe_from_dict
 
     peak = [0]

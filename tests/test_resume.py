@@ -11,9 +11,9 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from conftest import chat_records, recipe_dict, write_jsonl
 from safetensors.torch import load_file
 
-from conftest import chat_records, recipe_dict, write_jsonl
 from loraforge.checkpoints import MARKER, STAGING, complete_checkpoints
 from loraforge.errors import UserError
 from loraforge.recipe import load_recipe
@@ -117,7 +117,7 @@ def _inprocess_recipe(make_recipe, **training):
 
 def test_disk_full_keeps_previous_checkpoint(make_recipe, monkeypatch):
     from loraforge import checkpoints
-    from loraforge.train import run
+    from loraforge.run.session import run
 
     recipe = _inprocess_recipe(make_recipe)
     ckpts = Path(recipe.output_dir) / "checkpoints"
@@ -154,7 +154,7 @@ def _nan_at(monkeypatch, step: int):
 
 
 def test_nan_loss_stops_and_keeps_last_good_checkpoint(make_recipe, monkeypatch):
-    from loraforge.train import run
+    from loraforge.run.session import run
 
     _nan_at(monkeypatch, 3)
     recipe = _inprocess_recipe(make_recipe)
@@ -167,7 +167,7 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(make_recipe, monkeypatch)
 
 
 def test_nan_loss_can_be_skipped(make_recipe, monkeypatch):
-    from loraforge.train import run
+    from loraforge.run.session import run
 
     _nan_at(monkeypatch, 3)
     recipe = _inprocess_recipe(make_recipe, on_nonfinite="skip", max_skipped_steps=2)

@@ -10,9 +10,9 @@ from pathlib import Path
 
 import pytest
 import yaml
+from conftest import chat_records, recipe_dict, write_jsonl
 from typer.testing import CliRunner
 
-from conftest import chat_records, recipe_dict, write_jsonl
 from loraforge.cli import app
 
 runner = CliRunner()
@@ -23,7 +23,7 @@ PNG_SIZE = (800, 450)
 def trained_run(tmp_path_factory, tiny_model_dir) -> Path:
     """10 steps on 24 chats, 8 held out (one eval batch of 8, so the trainer's eval_loss is one mean)."""
     from loraforge.recipe import load_recipe
-    from loraforge.train import run
+    from loraforge.run.session import run
 
     tmp = tmp_path_factory.mktemp("report-run")
     data = write_jsonl(tmp / "train.jsonl", chat_records(32))
@@ -96,10 +96,9 @@ def test_eval_cli_with_a_data_file_and_errors(trained_run, tmp_path):
 
 
 def test_report_draws_loss_lr_throughput_and_memory(trained_run, tmp_path):
-    from loraforge.use.report import make_plots, read_metrics, throughput
-
+    from loraforge.rundir import read_metrics
     from loraforge.use.card import write_model_card
-    from loraforge.use.report import memory_numbers
+    from loraforge.use.report import make_plots, memory_numbers, throughput
 
     run_dir = _copy(trained_run, tmp_path)
     # what a GPU run writes: the memory model's prediction in plan.json, torch's peaks in memory.json

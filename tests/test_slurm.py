@@ -17,9 +17,8 @@ from pathlib import Path
 
 import pytest
 import yaml
-from safetensors.torch import load_file
-
 from conftest import chat_records, recipe_dict, write_jsonl
+from safetensors.torch import load_file
 
 STUB_ACCELERATE = """#!/usr/bin/env python3
 import json, os, sys

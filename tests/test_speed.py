@@ -7,9 +7,11 @@ import json
 import pytest
 import torch
 
+from loraforge.data.prepare import prepare
 from loraforge.plan.hardware import Gpu, Hardware
+from loraforge.plan.planner import make_plan
 from loraforge.recipe import load_recipe
-from loraforge.train import make_plan, prepare, run
+from loraforge.run.session import run
 
 
 def _shape():

@@ -12,10 +12,10 @@ from pathlib import Path
 
 import pytest
 import yaml
-
 from conftest import chat_records, recipe_dict, write_jsonl
+
 from loraforge.recipe import load_recipe
-from loraforge.train import run
+from loraforge.run.session import run
 
 
 def _metrics_losses(run_dir: Path) -> list[tuple[int, float]]:

@@ -8,12 +8,11 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from conftest import CHATS, chat_records
 
 from loraforge.errors import UserError
 from loraforge.recipe import load_recipe
-from loraforge.train import run
-
-from conftest import CHATS, chat_records
+from loraforge.run.session import run
 
 
 @pytest.fixture(scope="module")

@@ -14,8 +14,8 @@ from pathlib import Path
 
 import pytest
 import yaml
-
 from conftest import SESSION
+
 from loraforge.resources import shipped_dir
 
 CONFIGS = sorted(shipped_dir("accelerate_configs").glob("*.yaml"))

@@ -23,13 +23,14 @@ import shutil
 from pathlib import Path
 
 from loraforge.errors import UserError
+from loraforge.rundir import CHECKPOINTS_DIR, MANIFEST_FILE
 
 log = logging.getLogger("loraforge")
 
 STAGING = ".staging"
 MARKER = ".complete"
 DAMAGED = "damaged"
-MANIFEST = "checksums.json"
+MANIFEST = MANIFEST_FILE
 # What inference reads from a finished run directory: recorded at the end of training, verified before use.
 RUN_FILES = ("adapter_model.safetensors", "adapter_model.bin", "adapter_config.json", "tokenizer.json",
              "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja", "vocab.json", "merges.txt",
@@ -218,8 +219,6 @@ def drop_damaged(root: str | Path) -> Path | None:
 
 def verify_dir(run_dir: str | Path) -> None:
     """Stop with one line if a finished run directory's adapter or tokenizer is not as training wrote it."""
-    from loraforge.errors import UserError
-
     run_dir = Path(run_dir)
     manifest = run_dir / MANIFEST
     record = None
@@ -230,7 +229,7 @@ def verify_dir(run_dir: str | Path) -> None:
             raise UserError(f"{manifest}: unreadable; re-create the run with `loraforge train <recipe> --overwrite`") from None
     problem = check_files(run_dir, record)
     if problem:
-        last = latest_complete(run_dir / "checkpoints")
+        last = latest_complete(run_dir / CHECKPOINTS_DIR)
         hint = (f"; its last checkpoint {last} is there to resume from (remove {run_dir / 'train_summary.json'} "
                 "and run the same train command)" if last and verify(last) is None
                 else "; train again with `loraforge train <recipe> --overwrite`")

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import json
-import logging
-import os
 import sys
 from pathlib import Path
 from typing import Callable, Optional
@@ -13,7 +11,27 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from loraforge.console import err_console, quiet_libraries, run_guarded
 from loraforge.errors import UserError
+from loraforge.launch import preview as planview
+from loraforge.launch import slurm
+from loraforge.launch.accelerate import Topology, accelerate_args, render_command, run_accelerate
+from loraforge.launch.preview import plan_launch
+from loraforge.plan.hardware import detect
+from loraforge.recipe import dump_recipe, load_recipe
+from loraforge.resources import find_recipe, shipped_dir
+from loraforge.run.gpu_check import main as check_main
+from loraforge.run.session import run
+from loraforge.run.status import format_stages
+from loraforge.rundir import PLOTS_DIR, RECIPE_FILE
+from loraforge.use.card import write_model_card
+from loraforge.use.evaluate import evaluate_run
+from loraforge.use.export import export_gguf
+from loraforge.use.infer import answer, load_for_inference
+from loraforge.use.infer import generate as gen
+from loraforge.use.infer import merge as do_merge
+from loraforge.use.report import PLOT_FILES
+from loraforge.versions import library_versions
 
 app = typer.Typer(
     add_completion=False,
@@ -22,60 +40,8 @@ app = typer.Typer(
     help="Fine-tune causal LMs with LoRA/QLoRA; one recipe from a laptop CPU to a SLURM cluster.",
 )
 console = Console()
-err_console = Console(stderr=True)
 
 SET_HELP = "Override a recipe field, e.g. --set training.learning_rate=1e-4 (repeatable)."
-
-
-def quiet_libraries() -> None:
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
-    os.environ.setdefault("MPLBACKEND", "Agg")  # plots are files; no GUI backend probing
-    logging.basicConfig(level=logging.INFO, format="[loraforge] %(message)s")
-    from loraforge.redact import install_log_filter
-    from loraforge.run.status import silence_noise, stage, timed_import
-
-    install_log_filter()
-    silence_noise()
-    from loraforge.model.quant import silence_cpu_kernel_notice
-
-    silence_cpu_kernel_notice()  # before anything imports bitsandbytes (peft does); see quant.py
-    for name in ("transformers", "datasets", "peft", "trl", "accelerate", "httpx", "urllib3", "DeepSpeed"):
-        logging.getLogger(name).setLevel(logging.ERROR)
-    cold = "transformers" not in sys.modules
-    if cold:
-        stage("loading libraries (torch, transformers, datasets: the first start on a machine takes longest)")
-    try:
-        timed_import("torch")
-        transformers = timed_import("transformers")
-        datasets = timed_import("datasets")
-        if cold:
-            from loraforge.run.status import IMPORTS
-
-            stage("libraries loaded (" + ", ".join(f"{k} {v:.1f} s" for k, v in IMPORTS.items()) + ")")
-
-        transformers.logging.set_verbosity_error()
-        transformers.logging.disable_progress_bar()
-        datasets.disable_progress_bars()
-        datasets.logging.set_verbosity_error()
-    except ImportError:
-        pass
-    import warnings
-
-    warnings.filterwarnings("ignore")
-
-
-def run_guarded(fn: Callable[[], object]) -> int:
-    """Run `fn`; a UserError prints one line and returns exit code 2 (no traceback)."""
-    try:
-        fn()
-    except UserError as e:
-        err_console.print(f"[bold red]error:[/] {e.message}", highlight=False, soft_wrap=True)
-        return e.exit_code
-    except KeyboardInterrupt:
-        err_console.print("interrupted")
-        return 130
-    return 0
 
 
 def _exit(fn: Callable[[], object]) -> None:
@@ -85,9 +51,6 @@ def _exit(fn: Callable[[], object]) -> None:
 
 
 def _load(recipe: str, overrides: list[str]):
-    from loraforge.recipe import load_recipe
-    from loraforge.resources import find_recipe
-
     return load_recipe(find_recipe(recipe), overrides)
 
 
@@ -114,8 +77,6 @@ def _print_result(result) -> None:
     elif result.peak_source and "uncertain" in result.peak_source:
         table.add_row("MFU", f"not reported: peak {result.peak_flops / 1e12:.2f} TFLOP/s, {result.peak_source}")
     if getattr(result, "startup_s", None):
-        from loraforge.run.callbacks import format_stages
-
         stages = getattr(result, "startup_stages", None)
         detail = f" ({format_stages(stages)} s)" if stages else ""
         table.add_row("start-up", f"{result.startup_s:.1f} s from the command to the first optimizer step{detail}")
@@ -154,8 +115,6 @@ def train(
     quiet_libraries()
 
     def go():
-        from loraforge.train import run
-
         _print_result(run(_load(recipe, set_), overwrite=overwrite, quiet=quiet or not sys.stderr.isatty()))
 
     _exit(go)
@@ -188,14 +147,11 @@ def plan(
     """Show what a run would do: the plan for this machine (or --hardware), its memory, and the resolved recipe."""
 
     def go():
-        from loraforge.launch import preview as planview
-        from loraforge.recipe import dump_recipe
-
         r = _load(recipe, set_)
         if planview.config_only_dir(r) is None or (hardware is None and vram is None):
             quiet_libraries()  # imports transformers and datasets: not needed to plan from a config.json alone
         hw = planview.hardware(r, hardware, vram, gpus, nodes, strategy)
-        out = planview.build(r, hw, trace=trace)
+        out = planview.build(r, hw, trace=trace).to_dict()
         if as_json:
             print(json.dumps(out | {"recipe": r.to_dict()}, indent=2, default=str))
             return
@@ -236,8 +192,6 @@ def launch(
     quiet_libraries()
 
     def go():
-        from loraforge.plan.hardware import detect
-        from loraforge.launch.accelerate import Topology, accelerate_args, plan_launch, render_command, run_accelerate
         r = _load(recipe, set_)
         # No CUDA context in this process (it stays alive for the whole run): GPUs are counted through NVML.
         here = None if hardware is not None or vram is not None else detect(
@@ -247,19 +201,21 @@ def launch(
             len(here.gpus) if on_gpu and here is not None
             else None if on_gpu else (2 if strategy not in ("auto", "single") else 1))
         lp = plan_launch(r, strategy, per_node, nodes, hardware, vram)
-        chosen, why, hw, out = lp.strategy, lp.why, lp.hw, lp.plan
+        chosen, why, hw, plan = lp.strategy, lp.why, lp.hw, lp.plan
         port = main_port or (29500 if nodes > 1 else _free_port())
         topo = Topology(hw.world_size // nodes, nodes, node_rank, main_ip, port)
         recipe_path = str(_recipe_path(recipe))
-        args = accelerate_args(chosen, topo, out["gradient_accumulation_steps"], recipe_path, set_)
+        b = plan.batch
+        args = accelerate_args(chosen, topo, b.gradient_accumulation_steps, recipe_path, set_)
+        predicted = plan.memory_dict()["predicted_peak_gib"]
         err_console.print(
             f"[loraforge] strategy {chosen} ({why}); {topo.nodes} node(s) x {topo.processes_per_node} process(es); "
-            f"micro-batch {out['micro_batch_size']} x accumulation {out['gradient_accumulation_steps']} x "
-            f"{topo.world_size} = global batch {out['global_batch_size']}"
-            + (f"; predicted {out['predicted_peak_gib']:.1f} of {out['budget_gib']:.1f} GiB per device"
-               if out.get("predicted_peak_gib") and out.get("budget_gib") else ""),
+            f"micro-batch {b.micro_batch_size} x accumulation {b.gradient_accumulation_steps} x "
+            f"{topo.world_size} = global batch {b.global_batch_size}"
+            + (f"; predicted {predicted:.1f} of {plan.budget_gib:.1f} GiB per device"
+               if predicted and plan.budget_gib else ""),
             highlight=False, soft_wrap=True)
-        for note in out.get("notes", []):
+        for note in lp.view.all_notes:
             err_console.print(f"[loraforge] note: {note}", highlight=False, soft_wrap=True)
         if dry_run:
             print(render_command(args))
@@ -288,8 +244,6 @@ def _child_exit_code(error) -> int:
 
 
 def _recipe_path(recipe: str) -> Path:
-    from loraforge.resources import find_recipe
-
     return find_recipe(recipe).resolve()
 
 
@@ -304,8 +258,6 @@ def generate(
     quiet_libraries()
 
     def go():
-        from loraforge.use.infer import answer, load_for_inference
-
         model, tok = load_for_inference(path)
         for p in prompt:
             print(answer(model, tok, p, max_new_tokens, system))
@@ -324,8 +276,6 @@ def chat(
     quiet_libraries()
 
     def go():
-        from loraforge.use.infer import generate as gen, load_for_inference
-
         model, tok = load_for_inference(path)
         history: list[dict] = [{"role": "system", "content": system}] if system else []
         console.print(f"chatting with {path} (empty line or /exit to leave, /reset to start over)")
@@ -356,8 +306,6 @@ def merge(
     quiet_libraries()
 
     def go():
-        from loraforge.use.infer import merge as do_merge
-
         console.print(f"merged model written to {do_merge(run_dir, out)}")
 
     _exit(go)
@@ -366,8 +314,6 @@ def merge(
 @app.command()
 def recipes():
     """List the shipped recipes."""
-    from loraforge.resources import shipped_dir
-
     for p in sorted(shipped_dir("recipes").glob("*.yaml")):
         console.print(f"{p.stem:<32} {p}", highlight=False)
 
@@ -375,9 +321,6 @@ def recipes():
 @app.command()
 def env():
     """Show the detected hardware and library versions."""
-    from loraforge.plan.hardware import detect
-    from loraforge.train import library_versions
-
     print(json.dumps({"hardware": detect(free_memory=True).to_dict(), "versions": library_versions()}, indent=2, default=str))
 
 
@@ -395,7 +338,6 @@ def export(
     def go():
         if not gguf:
             raise UserError("export: choose a format with --gguf (for a transformers checkpoint use `loraforge merge`)")
-        from loraforge.use.export import export_gguf
 
         path = export_gguf(run_dir, out, type_.lower(), overwrite=overwrite)
         console.print(f"GGUF ({type_.lower()}, {path.stat().st_size / 2**20:.1f} MiB) written to {path}", highlight=False)
@@ -414,8 +356,6 @@ def eval_cmd(
     quiet_libraries()
 
     def go():
-        from loraforge.use.evaluate import evaluate_run
-
         report = evaluate_run(run_dir, data, batch_size)
         if as_json:
             print(json.dumps(report.to_dict(), indent=2))
@@ -440,10 +380,8 @@ def report(
     quiet_libraries()
 
     def go():
-        if not (run_dir / "recipe.yaml").is_file():
+        if not (run_dir / RECIPE_FILE).is_file():
             raise UserError(f"{run_dir}: no recipe.yaml; is this a loraforge run directory?")
-        from loraforge.use.card import write_model_card
-        from loraforge.use.report import PLOT_FILES, PLOTS_DIR
 
         card = write_model_card(run_dir)
         plots = [run_dir / PLOTS_DIR / f for f in PLOT_FILES.values() if (run_dir / PLOTS_DIR / f).is_file()]
@@ -483,8 +421,6 @@ def slurm_submit(
     the run directory, and submit it; prints the job id and the log path."""
 
     def go():
-        from loraforge.launch import slurm
-
         if setup is not None and not setup.is_file():
             raise UserError(f"--setup {setup}: no such file")
         r = _load(recipe, set_)
@@ -529,8 +465,6 @@ def slurm_status(
     """The SLURM job's state (squeue / sacct) and the run's progress (metrics.jsonl, checkpoints)."""
 
     def go():
-        from loraforge.launch import slurm
-
         out = slurm.status(run_dir.resolve())
         if as_json:
             print(json.dumps(out, indent=2, default=str))
@@ -564,8 +498,6 @@ def slurm_status(
 def check_gpu(ctx: typer.Context):
     """Predicted vs measured memory, micro-batch + 1, tokens/s, MFU on this GPU (--dry-run --card NAME: plan only).
     Options: see `loraforge check-gpu --help`."""
-    from loraforge.run.gpu_check import main as check_main
-
     code = check_main(list(ctx.args))
     if code:
         raise typer.Exit(code)

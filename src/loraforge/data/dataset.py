@@ -13,10 +13,11 @@ from __future__ import annotations
 
 import json
 import random
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from loraforge.data import tokencache
 from loraforge.errors import UserError
 from loraforge.recipe import DataSource, Recipe
 
@@ -380,25 +381,6 @@ def tokenize_example(tokenizer, example: dict[str, Any], template: str | None = 
     return {"input_ids": ids, "assistant_masks": mask}
 
 
-@dataclass
-class DataStats:
-    train_examples: int = 0
-    eval_examples: int = 0
-    longest: int = 0
-    truncated_examples: int = 0
-    truncated_token_share: float = 0.0
-    loss_tokens: int = 0
-    notes: list[str] = field(default_factory=list)
-
-
-def truncation_report(lengths: list[int], max_len: int) -> tuple[int, float]:
-    """How many samples exceed `max_len`, and the share of all tokens truncation would cut."""
-    over = [n for n in lengths if n > max_len]
-    total = sum(lengths)
-    cut = sum(n - max_len for n in over)
-    return len(over), (cut / total if total else 0.0)
-
-
 def eval_indices(n: int, share: float, seed: int) -> set[int]:
     """Which of `n` examples are held out for evaluation (a seeded shuffle; the same for the same n)."""
     if share <= 0 or n < 2:
@@ -556,8 +538,6 @@ def tokenized_data(recipe: Recipe, tokenizer, scan: Scan, write_cache: bool = Tr
     Arrow files on disk, which the datasets are memory-mapped from. Memory: a few integers per record
     (lengths, the held-out indices), whatever the size of the files."""
     from datasets import Dataset
-
-    from loraforge.data import tokencache
 
     d = recipe.data
     held, n_extra = scan.held, scan.eval_extra

@@ -20,6 +20,9 @@ import os
 import shutil
 from pathlib import Path
 
+import loraforge
+from loraforge.model.modeling import cache_root
+
 log = logging.getLogger("loraforge")
 
 FORMAT = 2  # bump when what is stored changes (2: train.arrow / eval.arrow written while streaming)
@@ -44,8 +47,6 @@ def cache_key(train_examples: list, eval_examples: list, tokenizer, loss_on: str
     eval split), the tokenizer's full definition and chat template, what carries the loss, and versions."""
     from importlib.metadata import version
 
-    import loraforge
-
     h = hashlib.sha256()
     for part in (train_examples, eval_examples):
         h.update(json.dumps(part, sort_keys=True, ensure_ascii=False, default=str).encode())
@@ -62,8 +63,6 @@ def entry(key: str) -> Path:
 
 
 def _entry(key: str) -> Path:
-    from loraforge.model.modeling import cache_root
-
     return cache_root() / "tokenized" / key
 
 
@@ -71,8 +70,6 @@ def stream_key(data_fingerprint: list, tokenizer, loss_on: str) -> str:
     """The key for data read as a stream (data.tokenized_data): a digest of the normalised records in
     order, their count, the eval split and seed, and the eval sources' digest, instead of the records."""
     from importlib.metadata import version
-
-    import loraforge
 
     h = hashlib.sha256(json.dumps({
         "format": FORMAT, "data": data_fingerprint, "tokenizer": tokenizer_digest(tokenizer), "loss_on": loss_on,

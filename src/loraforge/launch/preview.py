@@ -7,9 +7,17 @@ nothing imports torch, so a plan (even for 70B) prints in well under 2 s.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
+from loraforge.data.prepare import prepare
 from loraforge.errors import UserError
+from loraforge.model.trace import trace_step
+from loraforge.plan.hardware import detect
+from loraforge.plan.memory import estimate, read_model_config, shape_from_config
+from loraforge.plan.planner import Plan, make_plan, setup_for, unfit_message
+from loraforge.plan.profiles import hardware_for
+from loraforge.plan.strategy import STRATEGIES, choose_strategy
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
 
@@ -26,34 +34,51 @@ def config_only_dir(recipe) -> Path | None:
 
 
 def hardware(recipe, profile: str | None, vram: float | None, gpus: int | None, nodes: int, strategy: str | None):
-    from loraforge.plan.profiles import hardware_for
-
     if strategy is not None and strategy != "auto":
-        from loraforge.launch.accelerate import STRATEGIES
-
         if strategy not in STRATEGIES:
             raise UserError(f"--strategy {strategy}: use one of {', '.join(STRATEGIES)}")
     strategy = None if strategy in (None, "auto") else strategy
     if profile is not None or vram is not None:
         return hardware_for(profile, vram, gpus, nodes, strategy)
-    from loraforge.plan.hardware import detect
-
     here = detect(force_cpu=recipe.training.device == "cpu", free_memory=True)
     if gpus is None and nodes == 1 and strategy is None:
         return here
     return hardware_for(None, None, gpus, nodes, strategy, detected=here)
 
 
-def build(recipe, hw, trace: bool = False) -> dict:
-    """Everything `plan` shows, as one JSON-able dict."""
-    from loraforge.plan.memory import model_shape, read_model_config, shape_from_config
+@dataclass
+class PlanView:
+    """What `loraforge plan` shows and `loraforge launch` / `slurm submit` act on: the one Plan every process
+    will compute, with the hardware it is for and what was learnt on the way (data, model size, trace)."""
 
-    data = None
+    plan: Plan
+    hw: object  # plan.hardware.Hardware of the target topology
+    data: dict | None = None
+    notes: tuple[str, ...] = ()
+    model: dict | None = None
+    trace: dict | None = None
+
+    @property
+    def all_notes(self) -> list[str]:
+        return self.plan.to_dict()["notes"] + list(self.notes)
+
+    def to_dict(self) -> dict:
+        out = self.plan.to_dict() | {"hardware": self.hw.to_dict(), "data": self.data}
+        out["notes"] = self.all_notes
+        if self.model is not None:
+            out["model"] = self.model
+        if self.trace is not None:
+            out["trace"] = self.trace
+        return out
+
+
+def build(recipe, hw, trace: bool = False) -> PlanView:
+    """The plan for `recipe` on `hw`: from the data and the model when they are here, from config.json alone
+    when that is all the model directory holds."""
     notes: list[str] = []
+    data = None
     cfg_dir = config_only_dir(recipe)
     if cfg_dir is not None:
-        from loraforge.train import make_plan
-
         cfg = read_model_config(str(cfg_dir))
         shape = shape_from_config(cfg, cfg_dir.name)
         model_max = cfg.get("max_position_embeddings")
@@ -62,33 +87,54 @@ def build(recipe, hw, trace: bool = False) -> dict:
         if model_max and plan.max_seq_length > model_max:
             notes.append(f"data.max_seq_length {plan.max_seq_length} is beyond the model's context of {model_max}")
     else:
-        from loraforge.train import prepare
-
         prep = prepare(recipe, hw)
-        plan, data = prep.plan, prep.data_summary()
-        try:
-            from loraforge.model.modeling import base_model_dir
-
-            shape = model_shape(read_model_config(base_model_dir(recipe), recipe.model.revision))
-        except UserError:
-            shape = None
-    out = plan.to_dict() | {"hardware": hw.to_dict(), "data": data}
-    out["notes"] = out["notes"] + notes
+        plan, data, shape = prep.plan, prep.data_summary(), prep.shape
+    model = None
     if shape is not None:
-        out["model"] = {"name": shape.name or recipe.model.name_or_path, "params_b": round(shape.total_params / 1e9, 3),
-                        "lora_params_m": round(shape.lora_params(recipe.lora.r, recipe.lora.target_modules) / 1e6, 2)}
+        model = {"name": shape.name or recipe.model.name_or_path, "params_b": round(shape.total_params / 1e9, 3),
+                 "lora_params_m": round(shape.lora_params(recipe.lora.r, recipe.lora.target_modules) / 1e6, 2)}
+    view = PlanView(plan, hw, data, tuple(notes), model)
     if trace:
-        out["trace"] = run_trace(recipe, hw, plan, shape)
-    return out
+        view.trace = run_trace(recipe, hw, plan, shape)
+    return view
+
+
+@dataclass
+class LaunchPlan:
+    strategy: str
+    why: str
+    view: PlanView  # what every process will compute, for the target topology
+
+    @property
+    def hw(self):
+        return self.view.hw
+
+    @property
+    def plan(self) -> Plan:
+        return self.view.plan
+
+
+def plan_launch(recipe, strategy: str, per_node: int | None, nodes: int, hardware_name: str | None = None,
+                vram: float | None = None) -> LaunchPlan:
+    """Plan for the target topology with the memory model, pick the strategy from whether the model fits
+    replicated, and refuse a plan that does not fit. Shared by `loraforge launch` and `loraforge slurm`."""
+
+    def plan_for(strat: str) -> PlanView:
+        return build(recipe, hardware(recipe, hardware_name, vram, per_node, nodes, None if strat == "single" else strat))
+
+    view = plan_for("ddp" if strategy == "auto" else strategy)
+    chosen, why = choose_strategy(strategy, view.hw.world_size, recipe.quantization.mode, fits_replicated=view.plan.fits)
+    if chosen != view.plan.strategy:
+        view = plan_for(chosen)
+    if view.plan.fits is False:
+        raise UserError(unfit_message(view.to_dict()))
+    return LaunchPlan(chosen, why, view)
 
 
 def run_trace(recipe, hw, plan, shape) -> dict:
     """One traced step (FakeTensorMode) of the plan's setting, beside the analytic tensor peak."""
     if shape is None:
         raise UserError("--trace: the memory model does not know this architecture")
-    from loraforge.plan.planner import setup_for
-    from loraforge.model.trace import trace_step
-
     setup = setup_for(recipe, plan.precision, hw, "single", plan.max_seq_length).with_(
         micro_batch=plan.batch.micro_batch_size, gradient_checkpointing=plan.gradient_checkpointing, world_size=1,
     )
@@ -96,8 +142,6 @@ def run_trace(recipe, hw, plan, shape) -> dict:
         raise UserError(f"--trace runs one process; strategy {plan.strategy} shards across processes")
     if setup.quant == "8bit":
         raise UserError("--trace: 8-bit bases are not traced (4-bit and none are)")
-    from loraforge.plan.memory import estimate
-
     notes = []
     if setup.optimizer not in ("adamw_torch", "adamw_torch_fused"):  # the trace steps torch's AdamW
         notes.append(f"traced and compared with adamw_torch in place of {setup.optimizer}")

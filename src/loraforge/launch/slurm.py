@@ -27,8 +27,14 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from loraforge.checkpoints import latest_complete
 from loraforge.errors import UserError
+from loraforge.launch.accelerate import Topology, accelerate_args
+from loraforge.launch.preview import plan_launch
+from loraforge.plan.planner import plan_batch, recipe_split
+from loraforge.plan.strategy import CONFIG_ENV, choose_strategy
 from loraforge.resources import shipped_dir
+from loraforge.rundir import CHECKPOINTS_DIR, DONE_FILE, METRICS_FILE, PLAN_FILE, PREEMPTED_FILE, RECIPE_FILE
 
 DEFAULT_SIGNAL_LEAD_S = 300
 # Shell words that need no quoting inside the single-quoted `bash -c '...'` (same set as shlex.quote).
@@ -97,9 +103,6 @@ class Composed:
 
 def compose(recipe, recipe_path: str, opts: SlurmOptions, overrides: list[str] | tuple = ()) -> Composed:
     """The plan's batch split for nodes x processes, and `loraforge launch`'s accelerate arguments."""
-    from loraforge.launch.accelerate import Topology, accelerate_args, choose_strategy, plan_launch
-    from loraforge.plan.planner import plan_batch
-
     if opts.nodes < 1 or opts.gpus_per_node < 1:
         raise UserError("--nodes and --gpus-per-node must be at least 1")
     overrides = list(overrides)
@@ -114,18 +117,13 @@ def compose(recipe, recipe_path: str, opts: SlurmOptions, overrides: list[str] |
             recipe.training.device = "cpu"
         lp = plan_launch(recipe, opts.strategy, opts.gpus_per_node, opts.nodes,
                          None if opts.cpu else opts.hardware, None if opts.cpu else opts.vram)
-        strategy, why, batch = lp.strategy, lp.why, lp.batch
-        notes += list(batch.notes)
+        strategy, why, batch = lp.strategy, lp.why, lp.plan.batch
+        notes += lp.view.all_notes
     else:
         # Submitting from a login node without the compute nodes' GPUs: split the global batch, and say that
         # memory was not checked here (each node still plans, and refuses a plan that does not fit).
         strategy, why = choose_strategy(opts.strategy, topo.world_size, recipe.quantization.mode)
-        t = recipe.training
-        batch = plan_batch(
-            t.global_batch_size, topo.world_size,
-            None if t.micro_batch_size == "auto" else t.micro_batch_size,
-            None if t.gradient_accumulation_steps == "auto" else t.gradient_accumulation_steps,
-        )
+        batch = plan_batch(recipe.training.global_batch_size, topo.world_size, *recipe_split(recipe.training))
         notes += list(batch.notes) + [
             "memory not checked for the compute nodes: pass --hardware PROFILE or --vram GB to plan with the "
             "memory model (and let it choose the strategy)"
@@ -162,7 +160,6 @@ def node_env(args: list[str], opts: SlurmOptions) -> list[str]:
     cpus = '${SLURM_CPUS_PER_TASK:-%d}' % per
     lines = [f'export OMP_NUM_THREADS="${{OMP_NUM_THREADS:-$(( {cpus} / {per} > 0 ? {cpus} / {per} : 1 ))}}"']
     if "--config_file" in args:
-        from loraforge.launch.accelerate import CONFIG_ENV
 
         lines.append(f"export {CONFIG_ENV}={Path(args[args.index('--config_file') + 1]).name}")
     return lines
@@ -288,12 +285,10 @@ def job_state(job_id: str) -> dict:
 
 
 def run_progress(run_dir: Path) -> dict:
-    from loraforge.checkpoints import latest_complete
-    from loraforge.train import DONE_FILE
 
     run_dir = Path(run_dir)
     out: dict = {"run_dir": str(run_dir), "finished": (run_dir / DONE_FILE).is_file()}
-    metrics = run_dir / "metrics.jsonl"
+    metrics = run_dir / METRICS_FILE
     if metrics.is_file():
         last = None
         for line in metrics.read_text().splitlines():
@@ -306,22 +301,21 @@ def run_progress(run_dir: Path) -> dict:
         if last:
             out["step"] = last.get("step")
             out["loss"] = last.get("loss")
-    recipe = run_dir / "recipe.yaml"
+    recipe = run_dir / RECIPE_FILE
     if recipe.is_file():
         import yaml
 
         max_steps = (yaml.safe_load(recipe.read_text()).get("training") or {}).get("max_steps", -1)
         if max_steps and max_steps > 0:
             out["max_steps"] = max_steps
-    plan = run_dir / "plan.json"
+    plan = run_dir / PLAN_FILE
     if plan.is_file():
         out["world_size"] = json.loads(plan.read_text()).get("world_size")
-    ckpt = latest_complete(run_dir / "checkpoints")
+    ckpt = latest_complete(run_dir / CHECKPOINTS_DIR)
     out["latest_checkpoint"] = str(ckpt) if ckpt else None
-    from loraforge.run.preemption import MARKER_FILE
 
-    if (run_dir / MARKER_FILE).is_file():
-        out["preempted"] = json.loads((run_dir / MARKER_FILE).read_text())
+    if (run_dir / PREEMPTED_FILE).is_file():
+        out["preempted"] = json.loads((run_dir / PREEMPTED_FILE).read_text())
     return out
 
 

@@ -16,6 +16,8 @@ import tempfile
 from pathlib import Path
 
 from loraforge.errors import UserError
+from loraforge.model.quant import bnb_config as _bnb_config
+from loraforge.model.quant import check_lora_init, is_quantized
 from loraforge.recipe import LoraSection, QuantizationSection, Recipe
 
 log = logging.getLogger("loraforge")
@@ -125,8 +127,6 @@ CHATML = (
 
 def bnb_config(q: QuantizationSection, compute_dtype: str, quant_storage: str | None = None):
     """The BitsAndBytesConfig of the recipe (quant.py): refused only where bitsandbytes has no backend here."""
-    from loraforge.model.quant import bnb_config as _bnb_config
-
     return _bnb_config(q, compute_dtype, quant_storage)
 
 
@@ -198,7 +198,6 @@ def lora_config(lora: LoraSection, model):
                 f"lora.target_modules: {', '.join(missing)} not in this model; its linear layers are "
                 f"{', '.join(sorted(available))} (or use all-linear)"
             )
-    from loraforge.model.quant import check_lora_init, is_quantized
 
     check_lora_init(lora.init, is_quantized(model))
     return LoraConfig(

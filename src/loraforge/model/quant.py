@@ -120,8 +120,8 @@ def _bnb_optimizer_runs(optimizer: str) -> bool:
         return _RUNS[optimizer]
     ok = False
     try:
-        import torch
         import bitsandbytes as bnb
+        import torch
 
         cls = {"adamw_8bit": bnb.optim.AdamW8bit, "paged_adamw_8bit": bnb.optim.PagedAdamW8bit,
                "paged_adamw_32bit": bnb.optim.PagedAdamW32bit}[optimizer]

@@ -35,7 +35,10 @@ import time
 import weakref
 from dataclasses import dataclass, field
 
+from loraforge.model.modeling import add_lora
+from loraforge.model.quant import adapter_dtype
 from loraforge.plan.memory import ModelShape, TrainSetup
+from loraforge.recipe import recipe_from_dict
 
 GIB = 2**30
 _CUDA_BLOCK = 512  # the CUDA caching allocator's smallest block; every allocation is rounded up to it
@@ -201,8 +204,6 @@ def _real_run_masks(packing: bool):
 
 
 def _recipe_for(setup: TrainSetup):
-    from loraforge.recipe import recipe_from_dict
-
     return recipe_from_dict(
         {
             "model": {"name_or_path": "trace", "attn_implementation": setup.attn},
@@ -304,8 +305,6 @@ def trace_step(shape: ModelShape, setup: TrainSetup, steps: int = 2) -> TraceRes
     from transformers import AutoModelForCausalLM
     from trl.trainer.utils import add_fused_lm_head
 
-    from loraforge.model.modeling import add_lora
-
     if setup.world_size != 1 or setup.strategy not in ("single", "ddp"):
         raise ValueError("the trace runs one process; trace a single-device setup")
     if setup.quant == "8bit":
@@ -330,7 +329,6 @@ def trace_step(shape: ModelShape, setup: TrainSetup, steps: int = 2) -> TraceRes
     # What SFTTrainer does to the PeftModel it is given (trl 1.16, sft_trainer.py)
     if setup.gradient_checkpointing:
         model.enable_input_require_grads()
-    from loraforge.model.quant import adapter_dtype
 
     if adapter_dtype(setup.quant, setup.precision) == "bfloat16":  # trl's cast, kept where the run trains in bf16
         for name, p in model.named_parameters():

@@ -9,6 +9,8 @@ from __future__ import annotations
 import os
 from dataclasses import asdict, dataclass, field
 
+from loraforge.plan.strategy import strategy_from_env
+
 
 @dataclass(frozen=True)
 class Gpu:
@@ -297,8 +299,6 @@ def detect(force_cpu: bool = False, free_memory: bool = False) -> Hardware:
     strategy = None
     if topo["world_size"] > 1:
         try:
-            from loraforge.launch.accelerate import strategy_from_env
-
             strategy = strategy_from_env()
         except ImportError:
             strategy = "ddp"

@@ -13,6 +13,9 @@ import json
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
+from loraforge.errors import UserError
+from loraforge.plan.arch import inventory
+
 GIB = 2**30
 MIB = 2**20
 
@@ -141,8 +144,6 @@ def _targeted(name: str, targets) -> bool:
 def shape_from_config(cfg: dict, name: str = "") -> ModelShape:
     """A ModelShape from a config.json dict: any decoder-only causal LM transformers ships (arch.inventory);
     UserError (one line: why, and what to set by hand) for what cannot be planned."""
-    from loraforge.plan.arch import inventory
-
     inv = dict(inventory(cfg, name))
     total = inv.pop("total_params", None)
     inv["layer_linears"] = tuple(tuple(x) for x in inv["layer_linears"])
@@ -155,8 +156,6 @@ def shape_from_config(cfg: dict, name: str = "") -> ModelShape:
 
 def read_model_config(name_or_path: str, revision: str | None = None) -> dict:
     """config.json of a local directory (nothing else needed in it) or of a hub id (downloaded alone, cached)."""
-    from loraforge.errors import UserError
-
     p = Path(name_or_path).expanduser()
     if p.is_dir():
         f = p / "config.json"
@@ -511,8 +510,6 @@ def model_shape(config: dict, name: str = "") -> ModelShape | None:
     """The shape of a config the memory model can plan, else None: the planner then splits the batch only, and the
     reason is logged in one line (memory is not checked)."""
     import logging
-
-    from loraforge.errors import UserError
 
     try:
         return shape_from_config(config, name)

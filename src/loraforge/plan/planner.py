@@ -7,7 +7,13 @@ says so plainly when it cannot.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
+
+from loraforge.plan import gpu_pin
+from loraforge.plan.arch import check_setup
+from loraforge.plan.arch import notes as arch_notes
+from loraforge.plan.memory import GIB, MemoryEstimate, TrainSetup, estimate
+from loraforge.plan.strategy import check_supported, launched_strategy
 
 
 @dataclass(frozen=True)
@@ -200,8 +206,6 @@ def seq_candidates(requested: int | str, longest_sample: int, model_max: int | N
 def truncated_share(lengths: list[int] | None, seq: int) -> float | None:
     if not lengths:
         return None
-    from loraforge.data.dataset import truncation_report
-
     return truncation_report(lengths, seq)[1]
 
 
@@ -222,8 +226,6 @@ def fsdp_qlora_load_bytes(shape, setup) -> int | None:
     load is not that case. accelerate skips RAM-efficient (rank-0) loading for 4-bit models and transformers
     excludes quantized models from it, so every rank quantizes the whole base on its own GPU (4-bit linears,
     quantization constants, the rest upcast to fp32 by peft) before `fully_shard` splits it."""
-    from loraforge.plan.memory import estimate
-
     if setup.quant != "4bit" or setup.strategy != "fsdp" or setup.world_size <= 1:
         return None
     whole = estimate(shape, setup.with_(world_size=1, strategy="single"))
@@ -233,8 +235,6 @@ def fsdp_qlora_load_bytes(shape, setup) -> int | None:
 
 def peak_estimate(shape, setup):
     """memory.estimate, plus the load-time peak where loading needs more than a step (FSDP + QLoRA)."""
-    from loraforge.plan.memory import GIB, MemoryEstimate, estimate
-
     est = estimate(shape, setup)
     load = fsdp_qlora_load_bytes(shape, setup)
     if load is None or load <= est.peak:
@@ -262,8 +262,6 @@ def solve(
     """The first setting that fits `budget_gib`, in this order of preference: the longest allowed sequence, then
     no gradient checkpointing, then the largest micro-batch. Accumulation = global / (micro x world) exactly.
     `setup` (memory.TrainSetup) carries everything else (quantization, LoRA, optimizer, world, strategy)."""
-    from loraforge.plan.memory import GIB
-
     estimate = peak_estimate
 
     world = setup.world_size
@@ -317,8 +315,6 @@ def solve(
 
 def suggest(shape, setup, budget_gib: float, lengths: list[int] | None = None) -> list[str]:
     """What would fit when nothing does, each with its predicted GiB per device."""
-    from loraforge.plan.memory import GIB
-
     estimate = peak_estimate
 
     def gib(s) -> tuple[float, bool]:
@@ -394,19 +390,12 @@ def execution(batch: BatchPlan, training, cpu: bool) -> tuple[BatchPlan, int, st
     head = choose_loss_head(training.loss_head, cpu)
     if not cpu:
         return batch, batch.micro_batch_size, head, ()
-    cpu_batch = plan_batch(
-        training.global_batch_size, batch.world_size,
-        None if training.micro_batch_size == "auto" else training.micro_batch_size,
-        None if training.gradient_accumulation_steps == "auto" else training.gradient_accumulation_steps,
-        max_micro_batch=10**9,
-    )
+    cpu_batch = plan_batch(training.global_batch_size, batch.world_size, *recipe_split(training), max_micro_batch=10**9)
     return cpu_batch, 1, head, (CPU_EXECUTION_NOTE,)
 
 
 def setup_for(recipe, precision: Precision, hw, strategy: str, seq_len: int = 512):
     """The memory model's view of what the trainer will run for `recipe` on `hw`."""
-    from loraforge.plan.memory import TrainSetup
-
     lora, q = recipe.lora, recipe.quantization
     targets = lora.target_modules if isinstance(lora.target_modules, str) else tuple(lora.target_modules)
     attn = recipe.model.attn_implementation
@@ -432,9 +421,6 @@ def setup_for(recipe, precision: Precision, hw, strategy: str, seq_len: int = 51
 def plan_with_memory(recipe, hw, precision: Precision, strategy: str, shape, longest_sample: int,
                      model_max: int | None, lengths: list[int] | None = None) -> Plan:
     """The plan from the memory model: what fits `hw`'s budget, keeping the recipe's global batch."""
-    from loraforge.plan.arch import check_setup
-    from loraforge.plan.arch import notes as arch_notes
-
     t = recipe.training
     check_setup(shape, recipe.quantization.mode, recipe.lora.target_modules, recipe.lora.dropout,
                 recipe.model.attn_implementation)
@@ -444,14 +430,15 @@ def plan_with_memory(recipe, hw, precision: Precision, strategy: str, shape, lon
         notes.append(f"max_seq_length auto: longest sample {longest_sample} tokens" if lengths
                      else f"max_seq_length auto: no data read, starting from the model's context ({seqs[0]})")
     cpu = precision.use_cpu
+    micro, accum = recipe_split(t)
     sol = solve(
         shape,
         setup_for(recipe, precision, hw, strategy),
         t.global_batch_size,
         hw.budget_gib,
         # on the CPU one row runs per forward: that is what memory must hold
-        micro_batch=1 if cpu else None if t.micro_batch_size == "auto" else t.micro_batch_size,
-        grad_accum=None if cpu or t.gradient_accumulation_steps == "auto" else t.gradient_accumulation_steps,
+        micro_batch=1 if cpu else micro,
+        grad_accum=None if cpu else accum,
         gradient_checkpointing=None if t.gradient_checkpointing == "auto" else bool(t.gradient_checkpointing),
         seqs=seqs,
         lengths=lengths,
@@ -478,3 +465,56 @@ def unfit_message(plan: dict) -> str:
     tips = plan.get("suggestions") or []
     alts = "; ".join(tips) if tips else "no smaller setting fits; use QLoRA, more GPUs, FSDP/ZeRO-3 or shorter sequences"
     return f"{head}. What would fit: {alts} (see `loraforge plan`)"
+
+
+FSDP_ON_CPU_NOTE = "on CPU, accelerate runs FSDP as plain DDP: the weights are not sharded here (a GPU run is)"
+
+
+def recipe_split(training) -> tuple[int | None, int | None]:
+    """The recipe's micro-batch and gradient accumulation; None where it says auto (the planner chooses)."""
+    return (None if training.micro_batch_size == "auto" else training.micro_batch_size,
+            None if training.gradient_accumulation_steps == "auto" else training.gradient_accumulation_steps)
+
+
+def truncation_report(lengths: list[int], max_len: int) -> tuple[int, float]:
+    """How many samples exceed `max_len`, and the share of all tokens truncation would cut."""
+    over = [n for n in lengths if n > max_len]
+    total = sum(lengths)
+    cut = sum(n - max_len for n in over)
+    return len(over), (cut / total if total else 0.0)
+
+
+def make_plan(recipe, hw, longest_sample: int, model_max: int | None, shape=None, lengths=None) -> Plan:
+    """The plan. With the model's shape (memory.ModelShape) the memory model chooses micro-batch, accumulation,
+    sequence length and checkpointing for `hw`'s budget; without it, a split of the global batch only."""
+    precision = choose_precision(hw.kind == "cuda", hw.bf16, recipe.model.dtype)
+    strategy = launched_strategy(hw)
+    check_supported(strategy, recipe.quantization.mode)
+    if shape is not None:
+        plan = plan_with_memory(recipe, hw, precision, strategy, shape, longest_sample, model_max, lengths)
+    else:
+        plan = plan_without_memory(recipe, hw, precision, strategy, longest_sample, model_max)
+    notes = [FSDP_ON_CPU_NOTE] if strategy == "fsdp" and hw.kind == "cpu" else []
+    pin = gpu_pin.pin_note()
+    if pin is None and hw.world_size == 1 and len(getattr(hw, "gpus", ()) or ()) > 1:
+        pin = (f"one process with {len(hw.gpus)} GPUs visible: training uses one GPU (loraforge pins GPU 0 before "
+               "CUDA starts); use `loraforge launch` to train on all of them")
+    notes += [pin] if pin else []
+    return replace(plan, notes=plan.notes + tuple(notes)) if notes else plan
+
+
+def plan_without_memory(recipe, hw, precision: Precision, strategy: str, longest_sample: int,
+                        model_max: int | None) -> Plan:
+    """For an architecture the memory model does not know: the recipe's split of the global batch, its sequence
+    length, and checkpointing for quantized runs only."""
+    t = recipe.training
+    batch = plan_batch(t.global_batch_size, hw.world_size, *recipe_split(t))
+    seq, notes = choose_seq_length(recipe.data.max_seq_length, longest_sample, model_max)
+    if t.gradient_checkpointing == "auto":
+        gc = recipe.quantization.mode != "none"
+        notes.append(f"gradient checkpointing auto -> {'on' if gc else 'off'}")
+    else:
+        gc = bool(t.gradient_checkpointing)
+    batch, rows, head, run_notes = execution(batch, t, precision.use_cpu)
+    return Plan(batch=batch, precision=precision, max_seq_length=seq, gradient_checkpointing=gc, strategy=strategy,
+                notes=tuple(notes) + run_notes, rows_per_forward=rows, loss_head=head)

@@ -9,6 +9,8 @@ from __future__ import annotations
 from pathlib import Path
 
 from loraforge.errors import UserError
+from loraforge.plan import hardware
+from loraforge.plan.hardware import Gpu, Hardware
 
 PROFILES_FILE = Path(__file__).with_name("hardware_profiles.yaml")
 
@@ -30,8 +32,6 @@ def hardware_for(
     """A `Hardware` for a profile name, or a card of `vram_gib`, with `gpus` per node on `nodes` nodes.
 
     Without a profile or --vram, `detected` (this machine) is the base and only the topology is replaced."""
-    from loraforge.plan.hardware import Gpu, Hardware
-
     if nodes < 1 or (gpus is not None and gpus < 1):
         raise UserError("--gpus and --nodes must be at least 1")
     if profile is None and vram_gib is None:
@@ -63,6 +63,4 @@ def hardware_for(
 
 
 def _ram_gib() -> float:
-    from loraforge.plan.hardware import _ram_gib as ram
-
-    return ram()
+    return hardware._ram_gib()

@@ -8,6 +8,10 @@ from pathlib import Path
 
 from transformers import TrainerCallback
 
+from loraforge.checkpoints import latest_complete
+from loraforge.errors import UserError
+from loraforge.run.status import process_start_time as started
+
 
 class MetricsFile(TrainerCallback):
     """Append every log record (loss, learning rate, grad norm, eval loss...) to `metrics.jsonl`."""
@@ -88,9 +92,6 @@ class NonFiniteGuard(TrainerCallback):
         self.skipped = 0
 
     def _stop(self, step: int, why: str = "the loss or gradients became NaN/inf"):
-        from loraforge.checkpoints import latest_complete
-        from loraforge.errors import UserError
-
         last = latest_complete(self.checkpoint_root) if self.checkpoint_root else None
         kept = f"the last good checkpoint is {last}" if last else "no checkpoint was saved yet"
         raise UserError(
@@ -178,8 +179,6 @@ class ProgressBar(TrainerCallback):
 
 def process_start_time() -> float:
     """When this process started (status.process_start_time)."""
-    from loraforge.run.status import process_start_time as started
-
     return started()
 
 
@@ -193,12 +192,3 @@ class StartupTimer(TrainerCallback):
     def on_step_end(self, args, state, control, **kwargs):
         if self.startup_s is None:
             self.startup_s = time.time() - process_start_time()
-
-
-def format_stages(stages: dict) -> str:
-    """'imports 6.2, data and plan 0.3, ...' from {stage: seconds since the command at its end}."""
-    parts, before = [], 0.0
-    for name, at in stages.items():
-        parts.append(f"{name.replace('_', ' ')} {at - before:.1f}")
-        before = at
-    return ", ".join(parts)

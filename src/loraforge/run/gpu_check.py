@@ -31,6 +31,15 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from loraforge.errors import UserError
+from loraforge.model.quant import adapter_dtype
+from loraforge.plan.flops import gpu_peak_flops, lora_step_flops_per_token
+from loraforge.plan.hardware import detect
+from loraforge.plan.memory import GIB, TrainSetup, shape_from_config
+from loraforge.plan.planner import choose_precision, peak_estimate, solve
+from loraforge.plan.profiles import hardware_for, load_profiles
+from loraforge.run.trainer import add_plain_lm_head
+
 SCHEMA = "loraforge.gpu_check/1"
 
 # config.json of the architectures, as their hub repos publish them (the fields the model is built from);
@@ -106,20 +115,13 @@ def has_package(name: str) -> bool:
 
 def card_hardware(card: str | None, vram_gib: float | None = None):
     """The card to plan for: a hardware profile (or --vram), else the GPU this machine has (UserError if none)."""
-    from loraforge.errors import UserError
-    from loraforge.plan.profiles import hardware_for
-
     if card is not None or vram_gib is not None:
-        from loraforge.plan.profiles import load_profiles
-
         profiles = load_profiles()
         gpus = [k for k, v in profiles.items() if v.get("kind") != "cpu"]
         if card is not None and card not in gpus:
             raise UserError(f"--card {card}: not a GPU profile; known: {', '.join(gpus)} (or --vram GiB)")
         hw = hardware_for(card, vram_gib=vram_gib, gpus=1)
     else:
-        from loraforge.plan.hardware import detect
-
         hw = detect()
         hw = hardware_for(None, gpus=1, detected=hw)
     if hw.kind != "cuda":
@@ -149,9 +151,6 @@ def plain_head_bytes(shape, tokens: int) -> int:
 
 def plan_case(case: Case, hw, head: str | None = None) -> dict:
     """One table row with the plan's columns filled: what loraforge would choose for `case` on `hw`."""
-    from loraforge.plan.memory import GIB, TrainSetup, shape_from_config
-    from loraforge.plan.planner import choose_precision, peak_estimate, solve
-
     head = head or default_head()
     shape = shape_from_config(CONFIGS[case.model], case.model)
     precision = choose_precision(True, hw.bf16)
@@ -272,8 +271,6 @@ def new_report(hw, rows: list[dict], dry_run: bool) -> dict:
 
 
 def _datasheet_tflops(name: str) -> float | None:
-    from loraforge.plan.flops import gpu_peak_flops
-
     peak = gpu_peak_flops(name)
     return None if peak is None else peak / 1e12
 
@@ -356,9 +353,6 @@ def build_model(case: Case, row: dict, head: str, device: str = "cuda", config_d
     import torch
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
     from transformers import AutoConfig, AutoModelForCausalLM
-
-    from loraforge.model.quant import adapter_dtype
-    from loraforge.run.trainer import add_plain_lm_head
 
     dtype = _dtype(row["precision"])
     cfg = dict(config_dict or CONFIGS[case.model])
@@ -446,9 +440,6 @@ def _free() -> None:
 def measure_row(case: Case, row: dict, steps: int, matmul_peak: float | None, datasheet: float | None) -> dict:
     """Run the plan of `row` for `steps` optimizer steps after a warm-up one; fill the measured columns."""
     import torch
-
-    from loraforge.plan.flops import lora_step_flops_per_token
-    from loraforge.plan.memory import shape_from_config
 
     head = row["loss_head"]
     mb, accum, seq = row["micro_batch"], row["grad_accum"], case.seq_len
@@ -544,8 +535,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def select_cases(names: str | None) -> tuple[Case, ...]:
-    from loraforge.errors import UserError
-
     if not names:
         return CASES
     known = {c.name: c for c in CASES}
@@ -557,8 +546,6 @@ def select_cases(names: str | None) -> tuple[Case, ...]:
 
 
 def check(args: argparse.Namespace, log=print) -> dict:
-    from loraforge.errors import UserError
-
     hw = card_hardware(args.card, args.vram)
     cases = select_cases(args.cases)
     rows = plan_rows(hw, cases)
@@ -580,8 +567,6 @@ def check(args: argparse.Namespace, log=print) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from loraforge.errors import UserError
-
     args = parse_args(argv)
     try:
         check(args)

@@ -17,13 +17,13 @@ the pre-flight for any micro-batch of 2 or more (how the 2-process CPU test exer
 from __future__ import annotations
 
 import gc
-import json
 import logging
 import os
 from dataclasses import replace
 from pathlib import Path
 
 from loraforge.errors import UserError
+from loraforge.rundir import PLAN_FILE, update_json
 
 log = logging.getLogger("loraforge")
 SIMULATE_ENV = "LORAFORGE_SIMULATE_OOM"
@@ -211,12 +211,7 @@ def preflight(trainer, plan, hw, pad_id: int | None, run_dir: Path | None = None
     args.per_device_eval_batch_size = micro
     args.gradient_accumulation_steps = accum
     trainer._train_batch_size = args.train_batch_size
-    if run_dir is not None and hw.rank == 0 and (run_dir / "plan.json").is_file():
-        path = run_dir / "plan.json"
-        data = json.loads(path.read_text())
-        data.update(new_plan.to_dict())
-        data["oom_guard"] = {"attempts": attempts, "micro_batch_size": micro, "gradient_accumulation_steps": accum}
-        tmp = path.with_suffix(".json.tmp")
-        tmp.write_text(json.dumps(data, indent=2, default=str) + "\n")
-        os.replace(tmp, path)
+    if run_dir is not None and hw.rank == 0 and (run_dir / PLAN_FILE).is_file():
+        update_json(run_dir / PLAN_FILE, new_plan.to_dict() | {
+            "oom_guard": {"attempts": attempts, "micro_batch_size": micro, "gradient_accumulation_steps": accum}})
     return new_plan

@@ -13,15 +13,14 @@ The run summary's peak is the largest over all ranks.
 
 from __future__ import annotations
 
-import json
 import logging
-import os
 from pathlib import Path
 
 from transformers import TrainerCallback
 
+from loraforge.rundir import MEMORY_FILE, write_json
+
 log = logging.getLogger("loraforge")
-MEMORY_FILE = "memory.json"
 
 
 def param_bytes(model, base: bool = False) -> dict:
@@ -104,10 +103,7 @@ class DeviceMemoryReport(TrainerCallback):
 
     def flush(self) -> None:
         if self.rank == 0 and self.ready and self.run_dir.is_dir():
-            path = self.run_dir / MEMORY_FILE
-            tmp = path.with_suffix(".json.tmp")
-            tmp.write_text(json.dumps(self.data, indent=2) + "\n")
-            os.replace(tmp, path)
+            write_json(self.run_dir / MEMORY_FILE, self.data)
 
     def _bytes(self, key: str, model, base: bool = False) -> None:
         b = param_bytes(model, base)

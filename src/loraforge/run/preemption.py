@@ -11,7 +11,6 @@ and exits with EXIT_PREEMPTED. The sbatch script (slurm.py) reads `preempted.jso
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import signal
@@ -22,10 +21,12 @@ from pathlib import Path
 
 from transformers import TrainerCallback
 
+from loraforge.checkpoints import latest_complete
+from loraforge.rundir import CHECKPOINTS_DIR, PREEMPTED_FILE, write_json
+
 log = logging.getLogger("loraforge")
 
 EXIT_PREEMPTED = 75  # EX_TEMPFAIL: "try again later" (a requeue resumes the run)
-MARKER_FILE = "preempted.json"
 STOP_SIGNALS = ("SIGUSR1", "SIGTERM")
 
 
@@ -82,17 +83,14 @@ def exit_if_preempted(trainer, stop: StopOnSignal, run_dir: Path) -> None:
     if stop.stopped_at is None or state.global_step >= state.max_steps:
         stop.restore()
         return
-    from loraforge.checkpoints import latest_complete
 
-    last = latest_complete(Path(run_dir) / "checkpoints")
+    last = latest_complete(Path(run_dir) / CHECKPOINTS_DIR)
     if trainer.is_world_process_zero():
         record = {"signal": stop.requested or "(another rank)", "step": state.global_step,
                   "max_steps": state.max_steps, "checkpoint": str(last) if last else None, "time": time.time(),
                   "slurm_job_id": os.environ.get("SLURM_JOB_ID"),
                   "slurm_restart_count": os.environ.get("SLURM_RESTART_COUNT", "0")}
-        tmp = Path(run_dir) / (MARKER_FILE + ".tmp")
-        tmp.write_text(json.dumps(record, indent=2) + "\n")
-        os.replace(tmp, Path(run_dir) / MARKER_FILE)
+        write_json(Path(run_dir) / PREEMPTED_FILE, record)
         log.info("preempted after step %d of %d; checkpoint %s; exiting with code %d (a requeue resumes)",
                  state.global_step, state.max_steps, last, EXIT_PREEMPTED)
     teardown()

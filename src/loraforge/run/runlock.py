@@ -27,8 +27,8 @@ from pathlib import Path
 
 from loraforge import checkpoints
 from loraforge.errors import UserError
+from loraforge.rundir import LOCK_FILE
 
-LOCK_FILE = ".loraforge.lock"
 MIN_FREE = 64 << 20  # below this, not even the run's metadata and first checkpoint fit: stop before any work
 
 _held: dict[str, "RunLock"] = {}  # realpath -> lock held by this process (re-entrant within one process)

@@ -15,9 +15,10 @@ from collections import Counter
 from pathlib import Path
 
 from loraforge.errors import UserError
+from loraforge.run.memguard import _any_rank
+from loraforge.rundir import ADAPTER_FILE
 
 log = logging.getLogger("loraforge")
-ADAPTER_FILE = "adapter_model.safetensors"
 
 
 def save_adapter(trainer, run_dir: Path) -> None:
@@ -103,8 +104,6 @@ def adapter_problem(run_dir: Path, expected: Counter) -> str | None:
 def check_saved_adapter(trainer, run_dir: Path) -> None:
     """Stop (on every rank together) unless the adapter in `run_dir` is complete; nothing marks the run
     finished then, and a rerun resumes from the last checkpoint."""
-    from loraforge.run.memguard import _any_rank
-
     trainer.accelerator.wait_for_everyone()  # rank 0 has finished writing
     model = trainer.accelerator.unwrap_model(trainer.model)
     converted = getattr(trainer, "_lf_initial", None) is not None  # trainer.py: OLoRA/PiSSA saved converted

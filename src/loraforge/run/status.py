@@ -16,6 +16,8 @@ import os
 import sys
 import time
 
+import loraforge
+
 _NOISE = ("Setting accelerator to CPU",)
 _started: float | None = None
 IMPORTS: dict[str, float] = {}  # library -> seconds its first import took in this process
@@ -33,8 +35,6 @@ def process_start_time() -> float:
             boot = next(int(line.split()[1]) for line in f if line.startswith("btime"))
         _started = boot + start_ticks / os.sysconf("SC_CLK_TCK")
     except (OSError, ValueError, IndexError, StopIteration):
-        import loraforge
-
         _started = loraforge.IMPORTED_AT
     return _started
 
@@ -71,3 +71,12 @@ def timed_import(name: str):
     module = __import__(name)
     IMPORTS[name] = round(time.time() - t, 2)
     return module
+
+
+def format_stages(stages: dict) -> str:
+    """'imports 6.2, data and plan 0.3, ...' from {stage: seconds since the command at its end}."""
+    parts, before = [], 0.0
+    for name, at in stages.items():
+        parts.append(f"{name.replace('_', ' ')} {at - before:.1f}")
+        before = at
+    return ", ".join(parts)

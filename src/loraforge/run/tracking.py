@@ -15,8 +15,7 @@ from transformers import TrainerCallback
 
 from loraforge.errors import UserError
 from loraforge.recipe import Recipe
-
-IDS_FILE = "tracking.json"
+from loraforge.rundir import TRACKING_FILE
 
 
 def wandb_logged_in(environ=None) -> bool:
@@ -71,7 +70,7 @@ def configure(recipe: Recipe, run_dir: Path) -> list[str] | str:
 
 def run_id(run_dir: Path) -> str:
     """The W&B run id of this run directory, created once and kept in tracking.json."""
-    path = run_dir / IDS_FILE
+    path = run_dir / TRACKING_FILE
     if path.is_file():
         return json.loads(path.read_text())["wandb_run_id"]
     rid = os.environ.get("LORAFORGE_WANDB_RUN_ID") or uuid.uuid4().hex[:12]

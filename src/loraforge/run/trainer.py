@@ -28,6 +28,15 @@ from pathlib import Path
 
 from loraforge.checkpoints import STAGING, checkpoint_estimate, ensure_free_space, latest_complete, rotate, write_marker
 from loraforge.errors import UserError
+from loraforge.model.quant import (
+    MUTATING_INITS,
+    adapter_dtype,
+    is_quantized,
+    keep_adapter_dtype,
+    optimizer_fallback,
+    training_ready,
+)
+from loraforge.run.batching import split_rows
 
 
 def peak_memory_gib() -> tuple[float, str]:
@@ -84,26 +93,19 @@ def add_plain_lm_head(model) -> None:
 
 
 def _quantized(model) -> bool:
-    from loraforge.model.quant import is_quantized
-
     return is_quantized(model)
 
 
 def make_trainer_class():
     """Build the subclass lazily: importing trl is slow and not needed for plan/recipe work."""
-    from trl import SFTTrainer
-
     import torch
-
-    from loraforge.run.batching import split_rows
+    from trl import SFTTrainer
 
     class LoraforgeTrainer(SFTTrainer):
         _lf_last: tuple[float, int] | None = None
         _lf_pending = None
 
         def __init__(self, *args, loss_head: str = "fused", rows_per_forward: int | None = None, **kwargs):
-            from loraforge.model.quant import adapter_dtype, keep_adapter_dtype, optimizer_fallback, training_ready
-
             model, targs = kwargs.get("model"), kwargs.get("args")
             if targs is not None:
                 optim, note = optimizer_fallback(str(getattr(targs.optim, "value", targs.optim)),
@@ -128,8 +130,6 @@ def make_trainer_class():
             self.loss_is_scaled_for_ga = True  # compute_loss divides by the step's loss-token count
 
         def _lf_mutating_init(self):
-            from loraforge.model.quant import MUTATING_INITS
-
             config = getattr(self.model, "peft_config", {}).get("default")
             return config is not None and config.init_lora_weights in MUTATING_INITS
 

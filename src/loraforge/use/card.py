@@ -8,14 +8,28 @@ at the end of training and again from `loraforge report`.
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 from pathlib import Path
 
+from loraforge.rundir import (
+    ADAPTER_CONFIG_FILE,
+    CARD_FILE,
+    DONE_FILE,
+    EVAL_FILE,
+    PLAN_FILE,
+    PLOTS_DIR,
+    RECIPE_FILE,
+    SAMPLES_FILE,
+    SOURCE_FILE,
+    VERSIONS_FILE,
+    read_json,
+    read_metrics,
+)
+from loraforge.use.report import PLOT_FILES, make_plots, memory_numbers
+
 log = logging.getLogger("loraforge")
 
-CARD_FILE = "README.md"
 PLOT_TITLES = {
     "loss": "Loss (train and eval)",
     "learning_rate": "Learning rate",
@@ -25,10 +39,7 @@ PLOT_TITLES = {
 
 
 def _json(path: Path):
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError):
-        return None
+    return read_json(path)
 
 
 def _yaml(path: Path) -> dict:
@@ -92,16 +103,14 @@ def _last(records: list[dict], key: str):
 
 def build_card(run_dir: str | Path, plots: dict[str, Path] | None = None) -> str:
     """The model card's Markdown for `run_dir` (plots: {name: path} to embed; default: those present)."""
-    from loraforge.use.report import PLOT_FILES, PLOTS_DIR, read_metrics
-
     run_dir = Path(run_dir)
-    recipe = _yaml(run_dir / "recipe.yaml")
-    adapter = _json(run_dir / "adapter_config.json") or {}
-    plan = _json(run_dir / "plan.json") or {}
-    summary = _json(run_dir / "train_summary.json")
-    samples = _json(run_dir / "samples.json") or []
-    evaluation = _json(run_dir / "eval.json")
-    versions = _json(run_dir / "versions.json") or {}
+    recipe = _yaml(run_dir / RECIPE_FILE)
+    adapter = _json(run_dir / ADAPTER_CONFIG_FILE) or {}
+    plan = _json(run_dir / PLAN_FILE) or {}
+    summary = _json(run_dir / DONE_FILE)
+    samples = _json(run_dir / SAMPLES_FILE) or []
+    evaluation = _json(run_dir / EVAL_FILE)
+    versions = _json(run_dir / VERSIONS_FILE) or {}
     records = read_metrics(run_dir)
     if plots is None:
         plots = {name: run_dir / PLOTS_DIR / f for name, f in PLOT_FILES.items() if (run_dir / PLOTS_DIR / f).is_file()}
@@ -148,7 +157,7 @@ def build_card(run_dir: str | Path, plots: dict[str, Path] | None = None) -> str
         out.append("")
         out.append("Eval sources:")
         out += [_source_line(src) for src in data["eval_sources"]]
-    recipe_file = (_json(run_dir / "source.json") or {}).get("recipe")
+    recipe_file = (_json(run_dir / SOURCE_FILE) or {}).get("recipe")
     if recipe_file:
         out += ["", f"(Relative paths are relative to the recipe, `{recipe_file}`.)"]
     out.append("")
@@ -236,7 +245,6 @@ def build_card(run_dir: str | Path, plots: dict[str, Path] | None = None) -> str
             ("throughput (tokens/s)", s.get("tokens_per_second")),
             ("wall time (s)", s.get("wall_s")),
         ]
-        from loraforge.use.report import memory_numbers
 
         memory = memory_numbers(run_dir)
         rows.append(("predicted peak memory (GiB)", memory["predicted"]))
@@ -307,8 +315,6 @@ def write_model_card(run_dir: str | Path, plots: bool = True) -> Path:
     made = None
     if plots:
         try:
-            from loraforge.use.report import make_plots
-
             made = make_plots(run_dir)
         except Exception as e:  # noqa: BLE001 - pictures are a nicety; the card must still be written
             log.warning("could not draw the plots (%s: %s); writing the model card without them", type(e).__name__, e)

@@ -15,9 +15,12 @@ import math
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from loraforge.checkpoints import verify_dir
+from loraforge.data import dataset as data_mod
 from loraforge.errors import UserError
-
-EVAL_FILE = "eval.json"
+from loraforge.recipe import DataSource
+from loraforge.rundir import EVAL_FILE, PLAN_FILE, write_json
+from loraforge.use.infer import _load_run_recipe, is_run_dir, load_for_inference
 
 
 @dataclass
@@ -40,9 +43,6 @@ class EvalReport:
 
 def held_out_examples(recipe, data: str | Path | None) -> tuple[list[dict], str]:
     """(normalised examples, description): `data` if given, else the run's eval split + eval sources."""
-    from loraforge.data import dataset as data_mod
-    from loraforge.recipe import DataSource
-
     if data is not None:
         path = Path(data).expanduser().resolve()
         return data_mod.load_examples([DataSource(path=str(path))], recipe), str(path)
@@ -62,7 +62,7 @@ def held_out_examples(recipe, data: str | Path | None) -> tuple[list[dict], str]
 
 
 def _max_length(run_dir: Path, recipe) -> int | None:
-    plan = run_dir / "plan.json"
+    plan = run_dir / PLAN_FILE
     if plan.is_file():
         value = json.loads(plan.read_text()).get("max_seq_length")
         if isinstance(value, int):
@@ -108,15 +108,10 @@ def _score(total: float, count: int) -> ModelScore:
 def evaluate_run(run_dir: str | Path, data: str | Path | None = None, batch_size: int = 8, model=None, tokenizer=None,
                  write: bool = True) -> EvalReport:
     """Score the held-out data with the base model (adapter disabled) and the fine-tuned one."""
-    from loraforge.data import dataset as data_mod
-    from loraforge.use.infer import _load_run_recipe, is_run_dir, load_for_inference
-
     run_dir = Path(run_dir)
     if not is_run_dir(run_dir):
         raise UserError(f"{run_dir}: no adapter_config.json; give a run directory written by `loraforge train`")
     if model is None:
-        from loraforge.checkpoints import verify_dir
-
         verify_dir(run_dir)  # before reading anything else: a damaged adapter is the first thing to hear about
     recipe = _load_run_recipe(run_dir)
     examples, description = held_out_examples(recipe, data)
@@ -138,7 +133,7 @@ def evaluate_run(run_dir: str | Path, data: str | Path | None = None, batch_size
     report = EvalReport(description, len(rows), count, _score(base_total, count), _score(tuned_total, count))
     if write:
         try:
-            (run_dir / EVAL_FILE).write_text(json.dumps(report.to_dict(), indent=2) + "\n")
+            write_json(run_dir / EVAL_FILE, report.to_dict())
         except OSError:
             pass  # a read-only run directory still gets its numbers printed
     return report

@@ -17,7 +17,10 @@ import math
 import os
 from pathlib import Path
 
+from loraforge.checkpoints import verify_dir
 from loraforge.errors import UserError
+from loraforge.model.modeling import base_model_dir, resolve_model_path
+from loraforge.use.infer import _load_run_recipe, is_run_dir, load_for_inference, note_full_precision_reload
 
 log = logging.getLogger("loraforge")
 
@@ -45,11 +48,7 @@ def _source_config_and_tokenizer_dir(path: Path):
     """(config of the model to export, directory holding its tokenizer, recipe or None), without loading weights."""
     from transformers import AutoConfig
 
-    from loraforge.use.infer import _load_run_recipe, is_run_dir
-
     if is_run_dir(path):
-        from loraforge.model.modeling import base_model_dir
-
         recipe = _load_run_recipe(path)
         config = AutoConfig.from_pretrained(
             base_model_dir(recipe), trust_remote_code=recipe.model.trust_remote_code, revision=recipe.model.revision
@@ -63,8 +62,6 @@ def _source_config_and_tokenizer_dir(path: Path):
 def merged_model(path: str | Path):
     """The model with the adapter folded in (float32, CPU), and its tokenizer. A merged directory loads as is."""
     import torch
-
-    from loraforge.use.infer import is_run_dir, load_for_inference, note_full_precision_reload
 
     note_full_precision_reload(Path(path))
     model, tokenizer = load_for_inference(path, device="cpu", full_precision=True)
@@ -94,7 +91,6 @@ def _source_gguf_pre(recipe) -> str | None:
     not rebuild every llama.cpp pre-tokenizer (e.g. SmolLM's), so the source file knows best."""
     if recipe is None:
         return None
-    from loraforge.model.modeling import resolve_model_path
 
     try:
         directory, gguf_file = resolve_model_path(recipe.model.name_or_path, recipe)
@@ -189,8 +185,6 @@ def export_gguf(path: str | Path, out: str | Path, gguf_type: str = "f16", overw
         raise UserError(f"--out {out}: is a directory; give a file name such as {out / 'model.gguf'}")
     if out.exists() and not overwrite:
         raise UserError(f"--out {out}: exists; choose a new file name (or --overwrite)")
-
-    from loraforge.checkpoints import verify_dir
 
     verify_dir(path)  # a truncated adapter or model file: one line before any work
     config, tok_dir, recipe = _source_config_and_tokenizer_dir(path)

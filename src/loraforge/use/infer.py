@@ -6,23 +6,26 @@ import json
 import logging
 from pathlib import Path
 
+from loraforge.checkpoints import verify_dir
 from loraforge.errors import UserError
+from loraforge.model.modeling import base_model_dir
+from loraforge.model.quant import bnb_config, describe, full_precision_bytes
+from loraforge.recipe import load_recipe
+from loraforge.rundir import ADAPTER_CONFIG_FILE, RECIPE_FILE, SOURCE_FILE
 
 log = logging.getLogger("loraforge")
 
 
 def is_run_dir(path: Path) -> bool:
-    return (path / "adapter_config.json").is_file()
+    return (path / ADAPTER_CONFIG_FILE).is_file()
 
 
 def _load_run_recipe(run_dir: Path):
-    from loraforge.recipe import load_recipe
-
-    recipe_file = run_dir / "recipe.yaml"
+    recipe_file = run_dir / RECIPE_FILE
     if not recipe_file.is_file():
         raise UserError(f"{run_dir}: no recipe.yaml; is this a loraforge run directory?")
     recipe = load_recipe(recipe_file)
-    source = run_dir / "source.json"
+    source = run_dir / SOURCE_FILE
     if source.is_file():  # resolve relative paths against the original recipe's location
         recipe._source = Path(json.loads(source.read_text())["recipe"])
     return recipe
@@ -40,7 +43,6 @@ def load_for_inference(path: str | Path, device: str | None = None, full_precisi
     path = Path(path)
     if not path.is_dir():
         raise UserError(f"{path}: not a directory; give a run directory or a merged model directory")
-    from loraforge.checkpoints import verify_dir
 
     verify_dir(path)  # a truncated or altered adapter/model file: one line, not a SafetensorError
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
@@ -49,13 +51,9 @@ def load_for_inference(path: str | Path, device: str | None = None, full_precisi
     if is_run_dir(path):
         from peft import PeftModel
 
-        from loraforge.model.modeling import base_model_dir
-
         recipe = _load_run_recipe(path)
         kwargs = {}
         if recipe.quantization.mode != "none" and not full_precision:
-            from loraforge.model.quant import bnb_config, describe
-
             kwargs = {"quantization_config": bnb_config(recipe.quantization, str(dtype).removeprefix("torch.")),
                       "device_map": {"": device}}
             quantized = True
@@ -128,8 +126,6 @@ def note_full_precision_reload(run_dir: Path) -> None:
     recipe = _load_run_recipe(Path(run_dir))
     if recipe.quantization.mode == "none":
         return
-    from loraforge.model.modeling import base_model_dir
-    from loraforge.model.quant import describe, full_precision_bytes
 
     need = full_precision_bytes(base_model_dir(recipe))
     size = f"about {need / 2**30:.1f} GiB of RAM" if need else "4 bytes per parameter of RAM"

@@ -8,13 +8,13 @@ is switched, no window opens, and it works on a machine without a display.
 
 from __future__ import annotations
 
-import json
 import logging
 from pathlib import Path
 
+from loraforge.rundir import DONE_FILE, MEMORY_FILE, PLAN_FILE, PLOTS_DIR, read_json, read_metrics
+
 log = logging.getLogger("loraforge")
 
-PLOTS_DIR = "plots"
 FIGSIZE = (8.0, 4.5)  # inches
 DPI = 100  # -> every PNG is 800 x 450 pixels
 PLOT_FILES = {
@@ -26,30 +26,6 @@ PLOT_FILES = {
 # keys a metrics record may carry a throughput under (a tracking callback may log one directly)
 TOKENS_PER_S_KEYS = ("tokens_per_s", "tokens_per_second", "train_tokens_per_second", "tokens/s")
 MEASURED_PEAK_KEYS = ("measured_peak_gib", "peak_memory_gib", "peak_mem_gib")
-
-
-def read_metrics(run_dir: Path) -> list[dict]:
-    """Every record of `metrics.jsonl` (a torn last line, from a killed run, is skipped)."""
-    path = Path(run_dir) / "metrics.jsonl"
-    if not path.is_file():
-        return []
-    records = []
-    for line in path.read_text(encoding="utf-8").splitlines():
-        try:
-            rec = json.loads(line)
-        except json.JSONDecodeError:
-            continue
-        if isinstance(rec, dict):
-            records.append(rec)
-    return records
-
-
-def _read_json(path: Path) -> dict:
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError):
-        return {}
-    return data if isinstance(data, dict) else {}
 
 
 def _num(value) -> float | None:
@@ -101,12 +77,12 @@ def memory_numbers(run_dir: Path) -> dict:
     from what the run wrote: plan.json (the memory model's prediction), memory.json (torch's peak
     allocated / reserved on a GPU), or a measured peak in train_summary.json or the metrics log."""
     run_dir = Path(run_dir)
-    plan = _read_json(run_dir / "plan.json")
-    summary = _read_json(run_dir / "train_summary.json")
+    plan = read_json(run_dir / PLAN_FILE, {})
+    summary = read_json(run_dir / DONE_FILE, {})
     raw = _lookup(plan, "breakdown")
     breakdown = {str(k): float(v) for k, v in raw.items() if _num(v) is not None and v > 0} if isinstance(raw, dict) else {}
     predicted = _num(_lookup(plan, "predicted_peak_gib"))
-    readings = [v for v in _read_json(run_dir / "memory.json").values() if isinstance(v, dict)]
+    readings = [v for v in read_json(run_dir / MEMORY_FILE, {}).values() if isinstance(v, dict)]
     allocated = [x for x in (_num(v.get("max_allocated_gib")) for v in readings) if x is not None]
     reserved = [x for x in (_num(v.get("max_reserved_gib")) for v in readings) if x is not None]
     measured = max(allocated) if allocated else None
