@@ -280,7 +280,7 @@ def test_memory_json_after_a_cpu_run(make_recipe):
     assert mem["end"]["measured"] == "process_rss" and result.peak_memory_gib == pytest.approx(
         max(r["peak_gib"] for r in mem["end"]["per_rank"]), rel=0.2)
     plan = json.loads((result.run_dir / "plan.json").read_text())
-    assert plan["distributed_type"] == "NO"
+    assert plan["launch"]["distributed_type"] == "NO"
 
 
 # ---------------------------------------------------------------- 13. FSDP + QLoRA: the load is planned too

@@ -217,7 +217,7 @@ def test_two_processes_train_the_same_adapter_as_one(one_process, tiny_model_dir
     one, two = json.loads((tmp / "one" / "plan.json").read_text()), json.loads((tmp / strategy / "plan.json").read_text())
     assert (one["world_size"], two["world_size"]) == (1, 2)  # really two processes
     assert two["strategy"] == strategy
-    assert two["distributed_type"] == RUNS_AS[strategy]  # and really that strategy
+    assert two["launch"]["distributed_type"] == RUNS_AS[strategy]  # and really that strategy
     full = _rank_bytes(tmp / "one", "after_load")[0]
     if strategy == "zero3":  # loaded under zero.Init: each rank holds its half of the base from the start
         assert all(abs(b - full / 2) <= 0.05 * full for b in _rank_bytes(tmp / strategy, "after_load"))
@@ -323,7 +323,7 @@ def test_a_two_process_fsdp_checkpoint_resumes_to_the_same_adapter(one_process, 
     out = _loraforge("launch", str(recipe), "--strategy", "fsdp", "--gpus", "2", "--set", "training.device=cpu",
                      env=CPU_FSDP)
     assert "resuming from" in out.stderr
-    assert json.loads((tmp / "fsdp-resumed" / "plan.json").read_text())["distributed_type"] == "FSDP"
+    assert json.loads((tmp / "fsdp-resumed" / "plan.json").read_text())["launch"]["distributed_type"] == "FSDP"
     assert _max_diff(_adapter(tmp / "fsdp"), _adapter(tmp / "fsdp-resumed")) <= 1e-5
     assert _max_diff(_adapter(tmp / "one"), _adapter(tmp / "fsdp-resumed")) <= 1e-5
 
@@ -339,7 +339,7 @@ def test_nan_under_zero2_stops_or_skips_as_under_ddp(one_process, tiny_model_dir
                            "--set", "training.device=cpu", "--set", f"training.on_nonfinite={policy}"],
                           capture_output=True, text=True, timeout=900, env=env)
     run_dir = tmp / f"nan-{policy}"
-    assert json.loads((run_dir / "plan.json").read_text())["distributed_type"] == "DEEPSPEED"
+    assert json.loads((run_dir / "plan.json").read_text())["launch"]["distributed_type"] == "DEEPSPEED"
     if policy == "stop":
         assert proc.returncode == 2, proc.stderr[-3000:]
         assert "step 3: the loss or gradients became NaN/inf" in proc.stderr

@@ -1,7 +1,7 @@
 """Every shipped accelerate config has run in this test session, as the distributed type it names.
 
 The training processes record what they were launched with in their run directory's plan.json
-(`accelerate_config`: the file the launcher named; `distributed_type`: what accelerate really set up). This
+(`launch.accelerate_config`: the file the launcher named; `launch.distributed_type`: what accelerate really set up). This
 module is collected last (`zz`); it reads every plan.json under pytest's basetemp and fails on a config that
 no test launched, or that ran as something else (e.g. ZeRO silently as DDP). It is skipped, saying why, when
 only part of the suite ran (a file, -k or -m selection), or when the SLURM tests (multi-node configs) were
@@ -69,7 +69,7 @@ def test_every_shipped_accelerate_config_ran(tmp_path_factory):
     records = []
     for path in tmp_path_factory.getbasetemp().rglob("plan.json"):
         try:
-            records.append(json.loads(path.read_text()))
+            records.append(json.loads(path.read_text()).get("launch") or {})
         except ValueError:
             continue
     problems = not_run(records)

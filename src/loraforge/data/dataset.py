@@ -33,7 +33,6 @@ ROLE_ALIASES = {
     "bard": "assistant",
     "tool": "tool",
 }
-CHAT_ROLES = ("system", "user", "assistant", "tool")
 FORMATS = ("messages", "sharegpt", "alpaca", "prompt-completion", "text")
 
 
@@ -113,12 +112,6 @@ def iter_jsonl(path: Path):
         if not isinstance(row, dict):
             raise UserError(f"{path}:{lineno}: expected a JSON object per line, got {type(row).__name__}")
         yield Record(f"{path}:{lineno}", row)
-
-
-def _read_jsonl(path: Path) -> list[Record]:
-    if _first_char(path) == "[":  # a JSON array under a .jsonl name
-        return _read_json(path)
-    return list(iter_jsonl(path))
 
 
 def _read_json(path: Path) -> list[Record]:

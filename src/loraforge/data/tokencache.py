@@ -42,22 +42,6 @@ def tokenizer_digest(tokenizer) -> str:
     return h.hexdigest()
 
 
-def cache_key(train_examples: list, eval_examples: list, tokenizer, loss_on: str) -> str:
-    """The entry's key: the normalised records themselves (after format detection, system prompt and the
-    eval split), the tokenizer's full definition and chat template, what carries the loss, and versions."""
-    from importlib.metadata import version
-
-    h = hashlib.sha256()
-    for part in (train_examples, eval_examples):
-        h.update(json.dumps(part, sort_keys=True, ensure_ascii=False, default=str).encode())
-        h.update(b"\0")
-    h.update(json.dumps({
-        "format": FORMAT, "tokenizer": tokenizer_digest(tokenizer), "loss_on": loss_on,
-        "versions": [loraforge.__version__, version("transformers"), version("tokenizers")],
-    }, sort_keys=True).encode())
-    return h.hexdigest()[:24]
-
-
 def entry(key: str) -> Path:
     return _entry(key)
 

@@ -17,7 +17,6 @@ from loraforge.errors import UserError
 from loraforge.plan.arch import inventory
 
 GIB = 2**30
-MIB = 2**20
 
 
 # --------------------------------------------------------------------------------------------------

@@ -93,7 +93,6 @@ class DeviceMemoryReport(TrainerCallback):
         self.run_dir = Path(run_dir)
         self.rank = rank
         self.data: dict = {}
-        self.max_measured: float | None = None
         self.ready = False  # set once the run directory is written: nothing lands in it before (a user error)
 
     # -- writing -----------------------------------------------------------------------------------
@@ -124,7 +123,6 @@ class DeviceMemoryReport(TrainerCallback):
                  "measured": "cuda_allocated" if _cuda_in_use() else "process_rss",
                  "predicted_peak_gib": predicted}
         top = max(r[0] for r in rows)
-        self.max_measured = top
         if _cuda_in_use():
             entry["max_allocated_gib"] = round(top, 3)
             entry["max_reserved_gib"] = round(max(r[1] for r in rows), 3)

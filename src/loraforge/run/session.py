@@ -252,8 +252,7 @@ def record_launch(trainer, run_dir: Path, hw) -> None:
     DDP, without a word); every rank stops before training if a DeepSpeed launch came up as something else."""
     launched = launch_record(trainer.accelerator, hw)
     if hw.rank == 0:
-        update_json(run_dir / PLAN_FILE, {"distributed_type": launched["distributed_type"],
-                                          "accelerate_config": launched["accelerate_config"], "launch": launched})
+        update_json(run_dir / PLAN_FILE, {"launch": launched})
     check_launched(launched)
 
 
