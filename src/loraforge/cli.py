@@ -137,7 +137,7 @@ def plan(
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),
     hardware: Optional[str] = typer.Option(
         None, "--hardware", help="Plan for a profile instead of this machine: rtx3060-12gb, rtx4090-24gb, a100-40gb, "
-        "a100-80gb, h100-80gb, cpu (src/loraforge/hardware_profiles.yaml)."),
+        "a100-80gb, h100-80gb, cpu (src/loraforge/plan/hardware_profiles.yaml)."),
     vram: Optional[float] = typer.Option(None, "--vram", help="GB of memory per GPU (any other card)."),
     gpus: Optional[int] = typer.Option(None, "--gpus", help="GPUs (processes) per node."),
     nodes: int = typer.Option(1, "--nodes", min=1, help="Number of nodes."),
