@@ -14,10 +14,12 @@ no trl, bitsandbytes, deepspeed, datasets or pydantic. The bundle:
                for the random-weight side-by-side model; run.sh unpacks it to tokenizer/;
   requirements.txt, run.sh  the install line and the check.
 
-Third-party wheels are installed *with* dependency resolution against what the image has (`--no-index
---find-links wheels`), so a package the image lacks and the bundle does not carry stops the install with pip's
-own "No matching distribution found for X" instead of an import error later; loraforge's wheel is installed
-with --no-deps (its declared lower bounds, torch>=2.13 / transformers>=5.23, are above the image's).
+Everything is installed with `--no-index --no-deps` (the explicit list is the resolution: pip's resolver would
+also re-check the image's own packages, and a base image's torch often declares what it does not carry, e.g.
+setuptools>=77), then run.sh imports what the check and the side by side import, so a missing package stops it
+there with Python's own ModuleNotFoundError; `pip check` is printed for information. loraforge's declared lower
+bounds (torch>=2.13, transformers>=5.23) are above the image's: --no-deps installs it anyway.
+Packages already there at another version are replaced by the pinned one (fsspec: datasets wants <=2026.9.0).
 Fails (exit 1) when the whole folder is over --limit-mib.
 """
 
@@ -62,6 +64,10 @@ PLATFORMS = ("manylinux_2_28_x86_64", "manylinux_2_24_x86_64", "manylinux_2_17_x
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja",
                    "generation_config.json")
 BENCH_FILES = ("gpu_check.py", "throughput.py", "chat_data.py")
+# what the cases (bitsandbytes; trl's fused head) and the side by side's three trainers import
+IMPORT_CHECK = ("import bitsandbytes, datasets, pandas, pydantic, typer, rich, trl; from trl import SFTTrainer; "
+                "from trl.trainer.utils import add_fused_lm_head; import loraforge.cli, loraforge.train, "
+                "loraforge.gpu_check; print('imports: ok')")
 
 
 def download(wheels: Path, python_version: str, names: list[tuple[str, str, str]]) -> None:
@@ -107,8 +113,10 @@ def write_scripts(out: Path, names: list[tuple[str, str, str]], loraforge_whl: P
         "set -e\n"
         'B="$(cd "$(dirname "$0")" && pwd)"\n'
         'python -m tarfile -e "$B/tokenizer.tar.xz" "$B"\n'
-        'python -m pip install --no-index --find-links "$B/wheels" -r "$B/requirements.txt"\n'
-        f'python -m pip install --no-index --no-deps "$B/wheels/{loraforge_whl.name}"\n'
+        'python -m pip install --no-index --no-deps --find-links "$B/wheels" -r "$B/requirements.txt" '
+        f'"$B/wheels/{loraforge_whl.name}"\n'
+        f'python -c "{IMPORT_CHECK}"\n'
+        'python -m pip check || echo "(pip check: for information only; the imports above are what the check needs)"\n'
         'python "$B/benchmarks/gpu_check.py" --tokenizer "$B/tokenizer" "$@"\n'
     )
 
@@ -127,6 +135,9 @@ def main(argv: list[str] | None = None) -> int:
     a = p.parse_args(argv)
 
     names = [w for w in WHEELS if not (a.no_qlora and w[0] in QLORA_ONLY)]
+    global IMPORT_CHECK
+    if a.no_qlora:
+        IMPORT_CHECK = IMPORT_CHECK.replace("bitsandbytes, ", "")
     out = a.out.resolve()
     wheels = out / "wheels"
     if wheels.is_dir():
