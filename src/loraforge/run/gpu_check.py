@@ -609,11 +609,14 @@ def run_side_by_side(section: dict, timeout_s: float, log=print) -> None:
     log(f"[check-gpu] side by side on {section['model']} ({timeout_s:.0f} s at most): {' '.join(section['command'])}")
     work = Path(section["work"])
     work.mkdir(parents=True, exist_ok=True)
+    env = os.environ | {"TOKENIZERS_PARALLELISM": "false"}
+    pkg_parent = Path(__file__).resolve().parents[1]
+    if pkg_parent.name == "src":  # a checkout run without installing: the children import this loraforge too
+        env["PYTHONPATH"] = os.pathsep.join([str(pkg_parent)] + [p for p in [os.environ.get("PYTHONPATH")] if p])
     t = time.perf_counter()
     try:
         with open(work / "throughput.log", "w") as f:
-            proc = subprocess.run(section["command"], stdout=f, stderr=subprocess.STDOUT, timeout=timeout_s,
-                                  env=os.environ | {"TOKENIZERS_PARALLELISM": "false"})
+            proc = subprocess.run(section["command"], stdout=f, stderr=subprocess.STDOUT, timeout=timeout_s, env=env)
     except subprocess.TimeoutExpired:
         section["status"] = f"timed out after {timeout_s:.0f} s (see {work / 'throughput.log'})"
         return
