@@ -122,7 +122,7 @@ def config_of(spec: str) -> tuple[str, dict] | None:
     raise SystemExit(f"--models {spec}: not tiny, smollm2, a config name ({', '.join(CONFIGS)}) or a config.json")
 
 
-def random_dir(work: Path, name: str, config: dict, tokenizer: str | None) -> Path:
+def random_dir(work: Path, name: str, config: dict, tokenizer: str | None, cuda: bool | None = None) -> Path:
     """A real-size architecture from its config.json with random weights (seed 0; bf16 on a GPU, saved once)
     beside the tokenizer, so that every variant loads the same model from disk as it would a hub model."""
     import torch
@@ -138,7 +138,7 @@ def random_dir(work: Path, name: str, config: dict, tokenizer: str | None) -> Pa
     if config.vocab_size < len(tok):
         raise SystemExit(f"{name}: vocabulary {config.vocab_size} smaller than the tokenizer's {len(tok)}")
     torch.manual_seed(0)
-    cuda = torch.cuda.is_available()
+    cuda = torch.cuda.is_available() if cuda is None else cuda
     with torch.device("cuda" if cuda else "cpu"):
         model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16 if cuda else torch.float32)
     model.save_pretrained(out)
@@ -557,11 +557,11 @@ def main(argv: list[str] | None = None) -> int:
         if spec == "smollm2":
             return smollm2_dir()
         name, config = config_of(spec)
-        return random_dir(work, name, config, a.tokenizer)
+        return random_dir(work, name, config, a.tokenizer, cuda=device == "cuda")
 
     import torch
 
-    if torch.cuda.is_available():
+    if device == "cuda":  # (torch may have seen the GPU before --device cpu hid it: decide by the switch)
         peak, peak_src = gpu_peak_flops(torch.cuda.get_device_name(0)), f"{torch.cuda.get_device_name(0)} datasheet"
     else:
         peak, peak_src = robust_cpu_peak(), "measured fp32 matmul peak, all threads, best of the rounds before and after"
@@ -578,7 +578,7 @@ def main(argv: list[str] | None = None) -> int:
         for r in measure(name, model_dir, data, work, a.steps, a.lr, a.variants, device):
             r["flops_per_token"] = fpt
             all_rows.append(r)
-    if not torch.cuda.is_available():
+    if device == "cpu":
         peak = robust_cpu_peak()  # re-measured beside the runs; the best of all rounds
     for r in all_rows:
         r["mfu"] = r["flops_per_token"] * r["tokens_per_s"] / peak if peak else None  # no datasheet peak: n/a
