@@ -67,7 +67,7 @@ BENCH_FILES = ("gpu_check.py", "throughput.py", "chat_data.py")
 # what the cases (bitsandbytes; trl's fused head) and the side by side's three trainers import
 IMPORT_CHECK = ("import bitsandbytes, datasets, pandas, pydantic, typer, rich, trl; from trl import SFTTrainer; "
                 "from trl.trainer.utils import add_fused_lm_head; import loraforge.cli, loraforge.train, "
-                "loraforge.gpu_check; print('imports: ok')")
+                "loraforge.run.gpu_check; print('imports: ok')")
 
 
 def download(wheels: Path, python_version: str, names: list[tuple[str, str, str]]) -> None:

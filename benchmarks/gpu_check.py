@@ -9,7 +9,7 @@ Runs from a checkout without installing loraforge (src/ is put on the path): the
 peft and pyyaml only; bitsandbytes (QLoRA cases) and trl (the fused head) are used when present. The side by
 side (textbook vs trl defaults vs loraforge) runs this folder's throughput.py and needs loraforge installed with
 trl, datasets, pydantic, typer and rich: on an air-gapped node, the bundle of benchmarks/gpu_bundle.py carries
-them, this folder and a tokenizer. See src/loraforge/gpu_check.py for what is measured.
+them, this folder and a tokenizer. See src/loraforge/run/gpu_check.py for what is measured.
 """
 
 import sys

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from conftest import REPO
-from loraforge import gpu_check as gc
+from loraforge.run import gpu_check as gc
 
 sys.path.insert(0, str(REPO / "benchmarks"))
 import gpu_bundle  # noqa: E402

@@ -610,7 +610,7 @@ def run_side_by_side(section: dict, timeout_s: float, log=print) -> None:
     work = Path(section["work"])
     work.mkdir(parents=True, exist_ok=True)
     env = os.environ | {"TOKENIZERS_PARALLELISM": "false"}
-    pkg_parent = Path(__file__).resolve().parents[1]
+    pkg_parent = Path(__file__).resolve().parents[2]
     if pkg_parent.name == "src":  # a checkout run without installing: the children import this loraforge too
         env["PYTHONPATH"] = os.pathsep.join([str(pkg_parent)] + [p for p in [os.environ.get("PYTHONPATH")] if p])
     t = time.perf_counter()
