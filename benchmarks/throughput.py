@@ -144,6 +144,8 @@ def random_dir(work: Path, name: str, config: dict, tokenizer: str | None, cuda:
     model.save_pretrained(out)
     tok.save_pretrained(out)
     del model
+    if cuda:
+        torch.cuda.empty_cache()  # the variants run in their own processes: leave them the card
     return out
 
 
