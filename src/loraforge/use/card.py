@@ -8,6 +8,7 @@ at the end of training and again from `loraforge report`.
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 from dataclasses import dataclass
@@ -41,6 +42,16 @@ PLOT_TITLES = {
 
 def _json(path: Path):
     return read_json(path)
+
+
+def _json_list(path: Path) -> list:
+    """A JSON list (samples.json's rows); [] when the file is missing, unreadable or holds something else.
+    (rundir.read_json reads JSON objects only.)"""
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return []
+    return data if isinstance(data, list) else []
 
 
 def _yaml(path: Path) -> dict:
@@ -147,7 +158,7 @@ def _read_run(run_dir: Path) -> _Run:
         adapter=_json(run_dir / ADAPTER_CONFIG_FILE) or {},
         plan=_json(run_dir / PLAN_FILE) or {},
         summary=_json(run_dir / DONE_FILE),
-        samples=_json(run_dir / SAMPLES_FILE) or [],
+        samples=_json_list(run_dir / SAMPLES_FILE),
         evaluation=_json(run_dir / EVAL_FILE),
         versions=_json(run_dir / VERSIONS_FILE) or {},
         records=read_metrics(run_dir),
