@@ -210,3 +210,14 @@ def test_report_cli(trained_run, tmp_path):
     assert (run_dir / "README.md").is_file() and "loss.png" in ok.output
     bad = runner.invoke(app, ["report", str(tmp_path)])
     assert bad.exit_code == 2 and "recipe.yaml" in bad.output
+
+
+def test_model_card_shows_the_sample_answers(tmp_path):
+    """samples.json is a list of rows (as the run writes it); the card shows them, pipes and newlines escaped."""
+    from loraforge.rundir import write_json
+    from loraforge.use.card import build_card
+
+    write_json(tmp_path / "samples.json", [{"prompt": "Hi |\nthere", "base": "hello", "fine_tuned": "Hello! How can I help?"}])
+    text = build_card(tmp_path, {})
+    assert "Answers to the recipe's sample prompts, base model vs fine-tuned:" in text
+    assert "| Hi \\| there | hello | Hello! How can I help? |" in text

@@ -15,6 +15,7 @@ import json
 import logging
 import math
 import os
+from dataclasses import dataclass
 from pathlib import Path
 
 from loraforge.checkpoints import verify_dir
@@ -168,15 +169,43 @@ def permute_rotary(weights, n_head: int, n_head_kv: int | None = None):
     return weights.reshape(n_head, 2, shape[0] // n_head // 2, *shape[1:]).swapaxes(1, 2).reshape(shape)
 
 
-def export_gguf(path: str | Path, out: str | Path, gguf_type: str = "f16", overwrite: bool = False) -> Path:
-    """Merge the run's adapter (or take a merged model directory) and write one GGUF file to `out`."""
-    try:
-        import gguf
-    except ImportError:
-        raise UserError("GGUF export needs the `gguf` package: pip install 'gguf>=0.19.0' (or loraforge[demo])") from None
-    import numpy as np
+@dataclass(frozen=True)
+class _Source:
+    """The model to export, as its config and tokenizer files describe it (no weights loaded yet)."""
 
-    path, out = Path(path), Path(out)
+    path: Path
+    config: object
+    recipe: object  # the run's recipe; None for a merged model directory
+    tok_dir: Path
+    tok_file: Path
+    tok_json: dict
+    arch_name: str  # the GGUF architecture
+    theta: float
+    rope: dict
+    rope_type: str
+
+    @property
+    def n_layers(self) -> int:
+        return self.config.num_hidden_layers
+
+    @property
+    def n_head(self) -> int:
+        return self.config.num_attention_heads
+
+    @property
+    def n_kv(self) -> int:
+        return getattr(self.config, "num_key_value_heads", None) or self.config.num_attention_heads
+
+    @property
+    def head_dim(self) -> int:
+        return getattr(self.config, "head_dim", None) or self.config.hidden_size // self.n_head
+
+    @property
+    def tied(self) -> bool:
+        return bool(getattr(self.config, "tie_word_embeddings", False))
+
+
+def _check_arguments(path: Path, out: Path, gguf_type: str, overwrite: bool) -> None:
     if gguf_type not in GGUF_TYPES:
         raise UserError(f"--type: '{gguf_type}' is not supported; use one of {', '.join(GGUF_TYPES)}")
     if not path.is_dir():
@@ -186,14 +215,9 @@ def export_gguf(path: str | Path, out: str | Path, gguf_type: str = "f16", overw
     if out.exists() and not overwrite:
         raise UserError(f"--out {out}: exists; choose a new file name (or --overwrite)")
 
-    verify_dir(path)  # a truncated adapter or model file: one line before any work
-    config, tok_dir, recipe = _source_config_and_tokenizer_dir(path)
-    model_type = getattr(config, "model_type", None)
-    if model_type not in SUPPORTED_ARCHITECTURES:
-        raise _unsupported(model_type)
-    arch_name = SUPPORTED_ARCHITECTURES[model_type]
-    arch = next(k for k, v in gguf.MODEL_ARCH_NAMES.items() if v == arch_name)
 
+def _byte_level_bpe(tok_dir: Path) -> tuple[Path, dict]:
+    """tokenizer.json's path and content, refused unless it is a GPT-2-style byte-level BPE tokenizer."""
     tok_file = tok_dir / "tokenizer.json"
     if not tok_file.is_file():
         raise UserError(f"{tok_dir}: no tokenizer.json; GGUF export needs the fast tokenizer saved with the run")
@@ -204,6 +228,18 @@ def export_gguf(path: str | Path, out: str | Path, gguf_type: str = "f16", overw
             "GGUF export writes GPT-2-style byte-level BPE tokenizers (Llama 3, SmolLM, Qwen2); this model's "
             "tokenizer is a different kind (e.g. SentencePiece); use `loraforge merge` and llama.cpp's converter"
         )
+    return tok_file, tok_json
+
+
+def _inspect(path: Path) -> _Source:
+    """Step 1: what is exported, checked (architecture, tokenizer kind, rope scaling) before any weight loads."""
+    verify_dir(path)  # a truncated adapter or model file: one line before any work
+    config, tok_dir, recipe = _source_config_and_tokenizer_dir(path)
+    model_type = getattr(config, "model_type", None)
+    if model_type not in SUPPORTED_ARCHITECTURES:
+        raise _unsupported(model_type)
+    arch_name = SUPPORTED_ARCHITECTURES[model_type]
+    tok_file, tok_json = _byte_level_bpe(tok_dir)
     theta, rope = _rope(config)
     rope_type = rope.get("rope_type", rope.get("type", "default")) or "default"
     allowed_rope = ("default", "linear", "llama3") if arch_name == "llama" else ("default",)
@@ -211,85 +247,117 @@ def export_gguf(path: str | Path, out: str | Path, gguf_type: str = "f16", overw
         raise UserError(
             f"GGUF export: rope scaling '{rope_type}' is not supported for {arch_name} (supported: {', '.join(allowed_rope)})"
         )
+    return _Source(path=path, config=config, recipe=recipe, tok_dir=tok_dir, tok_file=tok_file, tok_json=tok_json,
+                   arch_name=arch_name, theta=theta, rope=rope, rope_type=rope_type)
 
-    n_layers = config.num_hidden_layers
-    n_head, n_kv = config.num_attention_heads, getattr(config, "num_key_value_heads", None) or config.num_attention_heads
-    head_dim = getattr(config, "head_dim", None) or config.hidden_size // n_head
-    tied = bool(getattr(config, "tie_word_embeddings", False))
 
-    model, tokenizer = merged_model(path)
-    n_vocab = model.get_input_embeddings().weight.shape[0]
-    tokens, token_types = vocabulary(tokenizer, n_vocab)
-    pre = _source_gguf_pre(recipe) or pre_tokenizer_name(tok_json)
+def _pre_tokenizer(src: _Source) -> str:
+    pre = _source_gguf_pre(src.recipe) or pre_tokenizer_name(src.tok_json)
     if pre is None:
-        log.warning("unknown pre-tokenizer in %s; writing 'default' (llama.cpp may split text differently)", tok_file)
+        log.warning("unknown pre-tokenizer in %s; writing 'default' (llama.cpp may split text differently)", src.tok_file)
         pre = "default"
+    return pre
 
+
+def _write_metadata(writer, src: _Source, n_vocab: int, gguf_type: str) -> None:
+    """Step 3: the model's hyperparameters, as llama.cpp's converter writes them."""
+    import gguf
+
+    config, n_head = src.config, src.n_head
     file_type = gguf.LlamaFileType.MOSTLY_F16 if gguf_type == "f16" else gguf.LlamaFileType.MOSTLY_Q8_0
+    writer.add_type(gguf.GGUFType.MODEL)
+    writer.add_name(src.path.resolve().name)
+    writer.add_description("LoRA fine-tune merged and exported by loraforge")
+    writer.add_block_count(src.n_layers)
+    writer.add_context_length(config.max_position_embeddings)
+    writer.add_embedding_length(config.hidden_size)
+    writer.add_feed_forward_length(config.intermediate_size)
+    writer.add_head_count(n_head)
+    writer.add_head_count_kv(src.n_kv)
+    writer.add_rope_freq_base(src.theta)
+    writer.add_layer_norm_rms_eps(config.rms_norm_eps)
+    writer.add_file_type(file_type)
+    if src.head_dim != config.hidden_size // n_head:
+        writer.add_key_length(src.head_dim)
+        writer.add_value_length(src.head_dim)
+    if src.arch_name == "llama":
+        writer.add_vocab_size(n_vocab)
+        writer.add_rope_dimension_count(src.head_dim)
+    if src.rope_type == "linear":
+        writer.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
+        writer.add_rope_scaling_factor(float(src.rope["factor"]))
+    writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
+
+
+def _write_tokenizer(writer, src: _Source, tokenizer, vocab: tuple[list, list], pre: str, n_vocab: int) -> None:
+    """Step 3 (cont.): the vocabulary, merges, special tokens and chat template."""
+    import gguf
+
+    tokens, token_types = vocab
+    writer.add_tokenizer_model("gpt2")
+    writer.add_tokenizer_pre(pre)
+    writer.add_token_list(tokens)
+    writer.add_token_types(token_types)
+    special = gguf.SpecialVocab(src.tok_dir, load_merges=True, n_vocab=n_vocab)
+    if special.chat_template is None and getattr(tokenizer, "chat_template", None):
+        special.chat_template = tokenizer.chat_template
+    # Say whether BOS/EOS are added as the tokenizer really does, rather than leave it to llama.cpp's default.
+    probe = tokenizer("a")["input_ids"]
+    special.add_special_token.setdefault("bos", bool(probe) and probe[0] == tokenizer.bos_token_id)
+    special.add_special_token.setdefault("eos", bool(probe) and probe[-1] == tokenizer.eos_token_id)
+    special.add_to_gguf(writer, quiet=True)
+
+
+def _add_tensor(writer, src: _Source, name: str, new_name: str, tensor, gguf_type: str) -> None:
+    """One weight: Llama's q/k rows permuted, 1-D in F32, 2-D in F16 or Q8_0 (rows not a multiple of 32: F16)."""
+    import gguf
+    import numpy as np
+
+    data = tensor.detach().to("cpu").float().numpy()
+    if src.arch_name == "llama" and name.endswith(("q_proj.weight", "q_proj.bias")):
+        data = permute_rotary(data, src.n_head, src.n_head)
+    elif src.arch_name == "llama" and name.endswith(("k_proj.weight", "k_proj.bias")):
+        data = permute_rotary(data, src.n_head, src.n_kv)
+    data = np.ascontiguousarray(data)
+    if data.ndim <= 1:
+        writer.add_tensor(new_name, data.astype(np.float32))
+    elif gguf_type == "q8_0" and data.shape[-1] % gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType.Q8_0][0] == 0:
+        qtype = gguf.GGMLQuantizationType.Q8_0
+        writer.add_tensor(new_name, gguf.quants.quantize(data, qtype), raw_dtype=qtype)
+    else:
+        writer.add_tensor(new_name, data.astype(np.float16))
+
+
+def _write_tensors(writer, src: _Source, model, gguf_type: str) -> None:
+    """Step 4: every weight under its GGUF name (Llama-3 rope factors first; a tied lm_head not at all)."""
+    import gguf
+
+    arch = next(k for k, v in gguf.MODEL_ARCH_NAMES.items() if v == src.arch_name)
+    names = gguf.get_tensor_name_map(arch, src.n_layers)
+    if src.rope_type == "llama3":
+        factors = llama3_rope_factors(src.rope | {"rope_theta": src.theta}, src.head_dim)
+        writer.add_tensor(gguf.TENSOR_NAMES[gguf.MODEL_TENSOR.ROPE_FREQS] + ".weight", factors)
+    for name, tensor in model.state_dict().items():
+        if src.tied and name == "lm_head.weight":
+            continue  # llama.cpp (and transformers' GGUF loader) tie when output.weight is absent
+        if name.endswith("rotary_emb.inv_freq"):
+            continue
+        new_name = names.get_name(name, try_suffixes=(".weight", ".bias"))
+        if new_name is None:
+            raise UserError(f"GGUF export: no GGUF name for tensor '{name}' of this {src.arch_name} model")
+        _add_tensor(writer, src, name, new_name, tensor, gguf_type)
+
+
+def _write_atomically(out: Path, arch_name: str, fill) -> None:
+    """Step 5: `fill(writer)` adds everything, then the file is written beside `out` and renamed onto it, so
+    that a failure (or ^C) leaves no half-written GGUF file."""
+    import gguf
+
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".{out.name}.tmp")
     writer = gguf.GGUFWriter(str(tmp), arch_name)
     try:
-        writer.add_type(gguf.GGUFType.MODEL)
-        writer.add_name(path.resolve().name)
-        writer.add_description("LoRA fine-tune merged and exported by loraforge")
-        writer.add_block_count(n_layers)
-        writer.add_context_length(config.max_position_embeddings)
-        writer.add_embedding_length(config.hidden_size)
-        writer.add_feed_forward_length(config.intermediate_size)
-        writer.add_head_count(n_head)
-        writer.add_head_count_kv(n_kv)
-        writer.add_rope_freq_base(theta)
-        writer.add_layer_norm_rms_eps(config.rms_norm_eps)
-        writer.add_file_type(file_type)
-        if head_dim != config.hidden_size // n_head:
-            writer.add_key_length(head_dim)
-            writer.add_value_length(head_dim)
-        if arch_name == "llama":
-            writer.add_vocab_size(n_vocab)
-            writer.add_rope_dimension_count(head_dim)
-        if rope_type == "linear":
-            writer.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
-            writer.add_rope_scaling_factor(float(rope["factor"]))
-        writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
-
-        writer.add_tokenizer_model("gpt2")
-        writer.add_tokenizer_pre(pre)
-        writer.add_token_list(tokens)
-        writer.add_token_types(token_types)
-        special = gguf.SpecialVocab(tok_dir, load_merges=True, n_vocab=n_vocab)
-        if special.chat_template is None and getattr(tokenizer, "chat_template", None):
-            special.chat_template = tokenizer.chat_template
-        # Say whether BOS/EOS are added as the tokenizer really does, rather than leave it to llama.cpp's default.
-        probe = tokenizer("a")["input_ids"]
-        special.add_special_token.setdefault("bos", bool(probe) and probe[0] == tokenizer.bos_token_id)
-        special.add_special_token.setdefault("eos", bool(probe) and probe[-1] == tokenizer.eos_token_id)
-        special.add_to_gguf(writer, quiet=True)
-
-        names = gguf.get_tensor_name_map(arch, n_layers)
-        if rope_type == "llama3":
-            writer.add_tensor(gguf.TENSOR_NAMES[gguf.MODEL_TENSOR.ROPE_FREQS] + ".weight", llama3_rope_factors(rope | {"rope_theta": theta}, head_dim))
-        for name, tensor in model.state_dict().items():
-            if tied and name == "lm_head.weight":
-                continue  # llama.cpp (and transformers' GGUF loader) tie when output.weight is absent
-            if name.endswith("rotary_emb.inv_freq"):
-                continue
-            new_name = names.get_name(name, try_suffixes=(".weight", ".bias"))
-            if new_name is None:
-                raise UserError(f"GGUF export: no GGUF name for tensor '{name}' of this {arch_name} model")
-            data = tensor.detach().to("cpu").float().numpy()
-            if arch_name == "llama" and name.endswith(("q_proj.weight", "q_proj.bias")):
-                data = permute_rotary(data, n_head, n_head)
-            elif arch_name == "llama" and name.endswith(("k_proj.weight", "k_proj.bias")):
-                data = permute_rotary(data, n_head, n_kv)
-            data = np.ascontiguousarray(data)
-            if data.ndim <= 1:
-                writer.add_tensor(new_name, data.astype(np.float32))
-            elif gguf_type == "q8_0" and data.shape[-1] % gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType.Q8_0][0] == 0:
-                qtype = gguf.GGMLQuantizationType.Q8_0
-                writer.add_tensor(new_name, gguf.quants.quantize(data, qtype), raw_dtype=qtype)
-            else:
-                writer.add_tensor(new_name, data.astype(np.float16))
+        fill(writer)
         writer.write_header_to_file()
         writer.write_kv_data_to_file()
         writer.write_tensors_to_file()
@@ -299,4 +367,27 @@ def export_gguf(path: str | Path, out: str | Path, gguf_type: str = "f16", overw
         raise
     writer.close()
     os.replace(tmp, out)
+
+
+def export_gguf(path: str | Path, out: str | Path, gguf_type: str = "f16", overwrite: bool = False) -> Path:
+    """Merge the run's adapter (or take a merged model directory) and write one GGUF file to `out`."""
+    try:
+        import gguf  # noqa: F401 - an optional dependency: say how to get it before any work
+    except ImportError:
+        raise UserError("GGUF export needs the `gguf` package: pip install 'gguf>=0.19.0' (or loraforge[demo])") from None
+
+    path, out = Path(path), Path(out)
+    _check_arguments(path, out, gguf_type, overwrite)
+    src = _inspect(path)
+    model, tokenizer = merged_model(path)  # step 2: the adapter folded in
+    n_vocab = model.get_input_embeddings().weight.shape[0]
+    vocab = vocabulary(tokenizer, n_vocab)
+    pre = _pre_tokenizer(src)
+
+    def fill(writer):
+        _write_metadata(writer, src, n_vocab, gguf_type)
+        _write_tokenizer(writer, src, tokenizer, vocab, pre, n_vocab)
+        _write_tensors(writer, src, model, gguf_type)
+
+    _write_atomically(out, src.arch_name, fill)
     return out
