@@ -225,67 +225,7 @@ def test_plan_for_a_70b_config_and_a_new_family_needs_no_torch(tmp_path):
         assert flag == "NO-TORCH", (cfg, flag, seconds, time.time() - t0)  # what keeps it well under a second
 
 
-# ------------------------------------------------------------------ tiny random models of every family train
-
-
-TINY = dict(hidden_size=64, intermediate_size=128, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
-            num_hidden_layers=2, max_position_embeddings=256, initializer_range=0.3)
-
-
-def _tiny_model(family: str, tokenizer, out: Path):
-    import torch
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    cfg = SMALL_CONFIGS[family] | TINY | dict(vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id,
-                                              bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id)
-    if family == "phi3":
-        cfg.pop("head_dim")
-    for key, small in (("sliding_window", 32), ("moe_intermediate_size", 32)):  # exercise the window in 64 tokens
-        if cfg.get(key):
-            cfg[key] = small
-    torch.manual_seed(0)
-    config = AutoConfig.for_model(cfg.pop("model_type"), **cfg)
-    AutoModelForCausalLM.from_config(config).save_pretrained(out)
-    tokenizer.save_pretrained(out)
-    return out
-
-
-@pytest.mark.slow  # 25-110 s each on the shared 2-core machine
-@pytest.mark.parametrize("family", sorted(SMALL_CONFIGS))
-def test_tiny_model_of_every_family_resolves_targets_and_trains(family, tmp_path, tiny_tokenizer):
-    """LoRA targets resolve to the family's real module names (a wrong one is named against them), and a short
-    training run on a random model of the family lowers the loss."""
-    from conftest import chat_records, recipe_dict, write_jsonl
-    from transformers import AutoModelForCausalLM
-
-    from loraforge.model.modeling import lora_config
-    from loraforge.recipe import LoraSection
-    from loraforge.run.session import run
-
-    model_dir = _tiny_model(family, tiny_tokenizer, tmp_path / "model")
-    shape = shape_from_config(json.loads((model_dir / "config.json").read_text()))
-    names = set(shape.linears())
-    model = AutoModelForCausalLM.from_pretrained(model_dir)
-    with pytest.raises(UserError) as e:
-        lora_config(LoraSection(target_modules=["q_proj", "nonesuch"]), model)
-    assert "nonesuch" in str(e.value) and all(n in str(e.value) for n in names)
-    targets = "all-linear" if not shape.moe else sorted(names)  # MoE: the attention projections (experts are 3-D)
-    data = write_jsonl(tmp_path / "train.jsonl", chat_records(8))
-    d = recipe_dict(model_dir, data, tmp_path / "run", training={"max_steps": 8, "learning_rate": 1e-2})
-    d["lora"]["target_modules"] = targets
-    if shape.eager_only:  # Gemma-2: the recipe must say eager (the default, sdpa, is refused in one line)
-        d["model"]["attn_implementation"] = "eager"
-    (tmp_path / "r.yaml").write_text(yaml.safe_dump(d))
-    from loraforge.recipe import load_recipe
-
-    result = run(load_recipe(tmp_path / "r.yaml"), quiet=True)
-    adapted = {n.rsplit(".", 1)[-1] for n in json.loads((result.run_dir / "adapter_config.json").read_text())["target_modules"]}
-    assert adapted == names  # all-linear = the inventory's linears, exactly
-    losses = [r["loss"] for r in map(json.loads, (result.run_dir / "metrics.jsonl").read_text().splitlines())
-              if "loss" in r]
-    assert sum(losses[-3:]) / 3 < 0.8 * losses[0], losses
-    plan = json.loads((result.run_dir / "plan.json").read_text())
-    assert plan["predicted_peak_gib"] is not None  # the memory model planned it
+# ------------------------------------------------------------------ attention
 
 
 def test_gemma2_with_sdpa_is_refused_in_one_line(tmp_path):

@@ -200,7 +200,7 @@ def test_refuses_other_architectures_and_tokenizers(tmp_path, tiny_model_dir):
 
     gpt2 = tmp_path / "gpt2"
     GPT2Config(n_layer=1, n_embd=32, n_head=2).save_pretrained(gpt2)
-    with pytest.raises(UserError, match="supports the llama and qwen2 architectures; this model is 'gpt2'"):
+    with pytest.raises(UserError, match="supports the llama, mistral, qwen2 and qwen3 architectures; this model is 'gpt2'"):
         export_gguf(gpt2, tmp_path / "x.gguf")
 
     spm = tmp_path / "spm"

@@ -13,8 +13,8 @@ from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
 import pytest
-
 from conftest import REPO
+
 from loraforge.run import gpu_check as gc
 
 sys.path.insert(0, str(REPO / "benchmarks"))

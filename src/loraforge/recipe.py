@@ -31,7 +31,9 @@ class ModelSection(_Strict):
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
         "auto", description="Weights dtype; auto = bf16 on Ampere+ GPUs, fp16 on older GPUs, fp32 on CPU."
     )
-    attn_implementation: Literal["auto", "sdpa", "eager", "flash_attention_2"] = "sdpa"
+    attn_implementation: Literal["auto", "sdpa", "eager", "flash_attention_2"] = Field(
+        "auto", description="auto = SDPA where transformers has it for the model, eager otherwise (Gemma-2)."
+    )
     trust_remote_code: bool = Field(False, description="Run code shipped with the model. Off unless you turn it on.")
 
 

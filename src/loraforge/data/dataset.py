@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from loraforge.data import tokencache
+from loraforge.data.chatspans import spans_by_sentinels
 from loraforge.errors import UserError
 from loraforge.recipe import DataSource, Recipe
 
@@ -331,9 +332,15 @@ def load_examples(sources: list[DataSource], recipe: Recipe) -> list[dict[str, A
 
 
 def _render(tokenizer, messages: list[dict], template: str | None, add_generation_prompt: bool) -> str:
-    return tokenizer.apply_chat_template(
-        messages, tokenize=False, add_generation_prompt=add_generation_prompt, chat_template=template
-    )
+    from jinja2.exceptions import TemplateError
+
+    try:
+        return tokenizer.apply_chat_template(
+            messages, tokenize=False, add_generation_prompt=add_generation_prompt, chat_template=template
+        )
+    except TemplateError as e:  # the template's own raise_exception (Gemma-2: "System role not supported")
+        raise UserError(f"the chat template refuses a conversation: {str(e).splitlines()[0][:200]}; change the data "
+                        "(e.g. remove system turns and data.system_prompt) or set data.chat_template") from None
 
 
 def assistant_spans(tokenizer, messages: list[dict], template: str | None = None) -> tuple[str, list[tuple[int, int]]]:
@@ -346,6 +353,10 @@ def assistant_spans(tokenizer, messages: list[dict], template: str | None = None
         before = _render(tokenizer, messages[:i], template, True)
         upto = _render(tokenizer, messages[: i + 1], template, False)
         if not (upto.startswith(before) and full.startswith(upto)):
+            # Qwen3, Mistral v0.3, Phi-3: earlier turns re-rendered
+            located = spans_by_sentinels(lambda ms, gen: _render(tokenizer, ms, template, gen), messages, full)
+            if located is not None:
+                return full, located
             raise UserError(
                 "the chat template renders earlier turns differently once later turns are added, so the "
                 "assistant tokens cannot be located; set data.chat_template to a prefix-stable template "

@@ -1,7 +1,8 @@
 """Export a fine-tuned run as one GGUF file for llama.cpp / Ollama: merge the adapter, then write the
 weights, the tokenizer and the chat template with the `gguf` package's `GGUFWriter`.
 
-What is written follows llama.cpp's `convert_hf_to_gguf.py` for the two supported architectures:
+What is written follows llama.cpp's `convert_hf_to_gguf.py` for the supported architectures (Llama, Mistral
+without a sliding window, which llama.cpp runs as a Llama, Qwen2, Qwen3):
 tensor names from `gguf.get_tensor_name_map`, Llama's q/k rows permuted into llama.cpp's rotary
 layout (transformers' GGUF loader undoes exactly that), 1-D tensors (norms, biases) kept in F32, 2-D
 weights in F16 or Q8_0 (a row length that is not a multiple of 32 stays F16), a GPT-2-style byte-level
@@ -26,7 +27,8 @@ from loraforge.use.infer import _load_run_recipe, is_run_dir, load_for_inference
 log = logging.getLogger("loraforge")
 
 # transformers model_type -> GGUF architecture name (gguf.MODEL_ARCH_NAMES)
-SUPPORTED_ARCHITECTURES = {"llama": "llama", "qwen2": "qwen2"}
+# (Mistral without a sliding window is a Llama to llama.cpp: convert_hf_to_gguf writes MistralForCausalLM as llama)
+SUPPORTED_ARCHITECTURES = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2", "qwen3": "qwen3"}
 GGUF_TYPES = ("f16", "q8_0")
 
 # tokenizer.json pre-tokenizer -> llama.cpp's `tokenizer.ggml.pre` name
@@ -40,7 +42,8 @@ _LLAMA3_SPLIT = (
 
 def _unsupported(model_type: str | None) -> UserError:
     return UserError(
-        f"GGUF export supports the {' and '.join(sorted(SUPPORTED_ARCHITECTURES))} architectures; this model is "
+        f"GGUF export supports the {', '.join(sorted(SUPPORTED_ARCHITECTURES)[:-1])} and "
+        f"{sorted(SUPPORTED_ARCHITECTURES)[-1]} architectures; this model is "
         f"'{model_type}'. Use `loraforge merge` for a transformers checkpoint instead"
     )
 
@@ -239,6 +242,9 @@ def _inspect(path: Path) -> _Source:
     if model_type not in SUPPORTED_ARCHITECTURES:
         raise _unsupported(model_type)
     arch_name = SUPPORTED_ARCHITECTURES[model_type]
+    if model_type == "mistral" and getattr(config, "sliding_window", None):
+        raise UserError(f"GGUF export: this Mistral uses sliding-window attention (window {config.sliding_window}), "
+                        "which the llama architecture in GGUF does not have; use `loraforge merge` instead")
     tok_file, tok_json = _byte_level_bpe(tok_dir)
     theta, rope = _rope(config)
     rope_type = rope.get("rope_type", rope.get("type", "default")) or "default"
@@ -277,7 +283,7 @@ def _write_metadata(writer, src: _Source, n_vocab: int, gguf_type: str) -> None:
     writer.add_rope_freq_base(src.theta)
     writer.add_layer_norm_rms_eps(config.rms_norm_eps)
     writer.add_file_type(file_type)
-    if src.head_dim != config.hidden_size // n_head:
+    if src.head_dim != config.hidden_size // n_head or src.arch_name == "qwen3":  # Qwen3's head_dim is its own
         writer.add_key_length(src.head_dim)
         writer.add_value_length(src.head_dim)
     if src.arch_name == "llama":
