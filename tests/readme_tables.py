@@ -50,7 +50,7 @@ def plan_for(recipe_name: str, config_dir: str, profile: str | None, gpus: int =
 
     recipe = load_recipe(REPO / "recipes" / f"{recipe_name}.yaml",
                          [f"model.name_or_path={CONFIGS / config_dir}", *overrides])
-    return planview.build(recipe, hardware_for(profile, vram, gpus, nodes))
+    return planview.build(recipe, hardware_for(profile, vram, gpus, nodes)).to_dict()
 
 
 def cell(out: dict) -> str:

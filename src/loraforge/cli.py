@@ -193,47 +193,62 @@ def launch(
 
     def go():
         r = _load(recipe, set_)
-        # No CUDA context in this process (it stays alive for the whole run): GPUs are counted through NVML.
-        here = None if hardware is not None or vram is not None else detect(
-            force_cpu=r.training.device == "cpu", free_memory=True)
-        on_gpu = (hardware not in (None, "cpu") or vram is not None) or (here is not None and here.kind == "cuda")
-        per_node = gpus or (
-            len(here.gpus) if on_gpu and here is not None
-            else None if on_gpu else (2 if strategy not in ("auto", "single") else 1))
+        per_node = _processes_per_node(r, strategy, gpus, hardware, vram)
         lp = plan_launch(r, strategy, per_node, nodes, hardware, vram)
-        chosen, why, hw, plan = lp.strategy, lp.why, lp.hw, lp.plan
         port = main_port or (29500 if nodes > 1 else _free_port())
-        topo = Topology(hw.world_size // nodes, nodes, node_rank, main_ip, port)
+        topo = Topology(lp.hw.world_size // nodes, nodes, node_rank, main_ip, port)
         recipe_path = str(_recipe_path(recipe))
-        b = plan.batch
-        args = accelerate_args(chosen, topo, b.gradient_accumulation_steps, recipe_path, set_)
-        predicted = plan.memory_dict()["predicted_peak_gib"]
-        err_console.print(
-            f"[loraforge] strategy {chosen} ({why}); {topo.nodes} node(s) x {topo.processes_per_node} process(es); "
-            f"micro-batch {b.micro_batch_size} x accumulation {b.gradient_accumulation_steps} x "
-            f"{topo.world_size} = global batch {b.global_batch_size}"
-            + (f"; predicted {predicted:.1f} of {plan.budget_gib:.1f} GiB per device"
-               if predicted and plan.budget_gib else ""),
-            highlight=False, soft_wrap=True)
-        for note in lp.view.all_notes:
-            err_console.print(f"[loraforge] note: {note}", highlight=False, soft_wrap=True)
+        args = accelerate_args(lp.strategy, topo, lp.plan.batch.gradient_accumulation_steps, recipe_path, set_)
+        _print_launch(lp, topo)
         if dry_run:
             print(render_command(args))
             return
-        import subprocess
-
-        from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
-
-        try:
-            run_accelerate(args)
-        except (subprocess.CalledProcessError, ChildFailedError) as e:
-            # DDP/ZeRO/FSDP ranks run under torchrun in this process: a failed rank arrives as ChildFailedError
-            code = e.returncode if isinstance(e, subprocess.CalledProcessError) else _child_exit_code(e)
-            failed = UserError(f"a training process exited with code {code}; its message is above")
-            failed.exit_code = code if code > 0 else 1
-            raise failed from None
+        _run_processes(args)
 
     _exit(go)
+
+
+def _processes_per_node(r, strategy: str, gpus: int | None, hardware: str | None, vram: float | None) -> int | None:
+    """--gpus, else the GPUs here (None: the plan decides, for a profile or --vram); on a CPU-only machine 1, or 2
+    when the strategy asks for several processes."""
+    # No CUDA context in this process (it stays alive for the whole run): GPUs are counted through NVML.
+    here = None if hardware is not None or vram is not None else detect(
+        force_cpu=r.training.device == "cpu", free_memory=True)
+    on_gpu = (hardware not in (None, "cpu") or vram is not None) or (here is not None and here.kind == "cuda")
+    return gpus or (
+        len(here.gpus) if on_gpu and here is not None
+        else None if on_gpu else (2 if strategy not in ("auto", "single") else 1))
+
+
+def _print_launch(lp, topo: Topology) -> None:
+    """One line: the strategy and why, the topology, the batch split and the predicted memory; then the notes."""
+    b, plan = lp.plan.batch, lp.plan
+    predicted = plan.memory_dict()["predicted_peak_gib"]
+    err_console.print(
+        f"[loraforge] strategy {lp.strategy} ({lp.why}); {topo.nodes} node(s) x {topo.processes_per_node} process(es); "
+        f"micro-batch {b.micro_batch_size} x accumulation {b.gradient_accumulation_steps} x "
+        f"{topo.world_size} = global batch {b.global_batch_size}"
+        + (f"; predicted {predicted:.1f} of {plan.budget_gib:.1f} GiB per device"
+           if predicted and plan.budget_gib else ""),
+        highlight=False, soft_wrap=True)
+    for note in lp.view.all_notes:
+        err_console.print(f"[loraforge] note: {note}", highlight=False, soft_wrap=True)
+
+
+def _run_processes(args: list[str]) -> None:
+    """`accelerate launch` with `args`; a failed training process becomes a UserError with its exit code."""
+    import subprocess
+
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+
+    try:
+        run_accelerate(args)
+    except (subprocess.CalledProcessError, ChildFailedError) as e:
+        # DDP/ZeRO/FSDP ranks run under torchrun in this process: a failed rank arrives as ChildFailedError
+        code = e.returncode if isinstance(e, subprocess.CalledProcessError) else _child_exit_code(e)
+        failed = UserError(f"a training process exited with code {code}; its message is above")
+        failed.exit_code = code if code > 0 else 1
+        raise failed from None
 
 
 def _child_exit_code(error) -> int:

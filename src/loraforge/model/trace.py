@@ -302,22 +302,42 @@ def trace_step(shape: ModelShape, setup: TrainSetup, steps: int = 2) -> TraceRes
     """Peak live tensor bytes of `steps` optimizer steps of `setup` on the architecture `shape`."""
     import torch
     from torch._subclasses.fake_tensor import FakeTensorMode
-    from transformers import AutoModelForCausalLM
-    from trl.trainer.utils import add_fused_lm_head
 
+    _check_traceable(setup)
+    t0 = time.time()
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[setup.precision]
+    live = _LiveBytes()
+    model = _trainer_model(shape, setup, dtype)
+    fake_mode = FakeTensorMode(allow_non_fake_inputs=True)
+    _fake_parameters(model, fake_mode, live, setup.double_quant)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    for p in trainable:
+        p.register_post_accumulate_grad_hook(lambda p: live.track(p.grad, "gradients"))
+    batch = _fake_batch(setup, fake_mode, live)
+    optimizer = _adamw(setup, trainable, fake_mode)
+    _run_steps(model, optimizer, trainable, batch, setup, dtype, fake_mode, live, steps)
+    del model, optimizer
+    return TraceResult(live.peak, live.at_peak, dict(live.phase_peaks), time.time() - t0)
+
+
+def _check_traceable(setup: TrainSetup) -> None:
     if setup.world_size != 1 or setup.strategy not in ("single", "ddp"):
         raise ValueError("the trace runs one process; trace a single-device setup")
     if setup.quant == "8bit":
         raise ValueError("the trace supports quantization none and 4bit")
     if setup.optimizer not in ("adamw_torch", "adamw_torch_fused"):
         raise ValueError("the trace steps torch's AdamW (adamw_torch / adamw_torch_fused)")
-    t0 = time.time()
-    recipe = _recipe_for(setup)
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[setup.precision]
-    autocast = setup.precision != "fp32"
-    config = build_config(shape)
-    live = _LiveBytes()
 
+
+def _trainer_model(shape: ModelShape, setup: TrainSetup, dtype):
+    """The model as the trainer trains it, on the meta device: the architecture (4-bit linears for QLoRA), LoRA
+    added by the trainer's own code, then what trl's SFTTrainer and transformers' Trainer do to it."""
+    import torch
+    from transformers import AutoModelForCausalLM
+    from trl.trainer.utils import add_fused_lm_head
+
+    recipe = _recipe_for(setup)
+    config = build_config(shape)
     with torch.device("meta"):
         attn = "eager" if shape.eager_only else setup.attn  # e.g. Gemma-2: transformers has no SDPA path
         model = AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation=attn)
@@ -338,12 +358,12 @@ def trace_step(shape: ModelShape, setup: TrainSetup, steps: int = 2) -> TraceRes
     if setup.gradient_checkpointing:  # what Trainer does with activation_checkpointing=True
         model.get_base_model().activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     model.train()
+    return model
 
-    fake_mode = FakeTensorMode(allow_non_fake_inputs=True)
-    _fake_parameters(model, fake_mode, live, setup.double_quant)
-    trainable = [p for p in model.parameters() if p.requires_grad]
-    for p in trainable:
-        p.register_post_accumulate_grad_hook(lambda p: live.track(p.grad, "gradients"))
+
+def _fake_batch(setup: TrainSetup, fake_mode, live: _LiveBytes) -> tuple:
+    """(input ids, labels, attention mask or None) of one micro-batch, as fake tensors counted as activations."""
+    import torch
 
     b, s = setup.micro_batch, setup.seq_len
     with fake_mode:
@@ -352,6 +372,12 @@ def trace_step(shape: ModelShape, setup: TrainSetup, steps: int = 2) -> TraceRes
         mask = torch.ones(b, s, dtype=torch.long, device="cpu") if setup.padded else None
     for t in (input_ids, labels) + ((mask,) if mask is not None else ()):
         live.track(t, "activations")
+    return input_ids, labels, mask
+
+
+def _adamw(setup: TrainSetup, trainable: list, fake_mode):
+    """torch's AdamW as the trainer makes it: fused, or foreach (torch's default on CUDA)."""
+    import torch
 
     opt_kwargs = {"lr": 1e-4, "weight_decay": 0.0}
     if setup.optimizer == "adamw_torch_fused":
@@ -359,8 +385,17 @@ def trace_step(shape: ModelShape, setup: TrainSetup, steps: int = 2) -> TraceRes
     else:
         opt_kwargs["foreach"] = True  # torch's default on CUDA
     with fake_mode:
-        optimizer = torch.optim.AdamW(trainable, **opt_kwargs)
+        return torch.optim.AdamW(trainable, **opt_kwargs)
 
+
+def _run_steps(model, optimizer, trainable: list, batch: tuple, setup: TrainSetup, dtype, fake_mode,
+               live: _LiveBytes, steps: int) -> None:
+    """`steps` optimizer steps as the trainer runs them (autocast forward with trl's fused head, backward, gradient
+    clipping, AdamW), every storage counted by phase; the optimizer state is counted once it exists."""
+    import torch
+
+    input_ids, labels, mask = batch
+    autocast = setup.precision != "fp32"
     mode = _dispatch_mode(live, fourbit_min_tokens=1536)
     with fake_mode, mode, _cuda_like_dropout(), _cuda_like_fused_head(), _real_run_masks(setup.packing):
         for _ in range(steps):
@@ -381,5 +416,3 @@ def trace_step(shape: ModelShape, setup: TrainSetup, steps: int = 2) -> TraceRes
                     if isinstance(v, torch.Tensor):
                         live.track(v, "optimizer")
             optimizer.zero_grad(set_to_none=True)
-    del model, optimizer
-    return TraceResult(live.peak, live.at_peak, dict(live.phase_peaks), time.time() - t0)

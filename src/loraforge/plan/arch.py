@@ -84,6 +84,28 @@ def _known_to_transformers(mt: str) -> bool:
 def rules_inventory(cfg: dict) -> dict:
     mt = cfg["model_type"]
     fam = FAMILIES[mt]
+    h, heads, L, kv, hd, inter, vocab = _dimensions(cfg)
+    q, k = heads * hd, kv * hd
+    attn_bias = fam.get("qkv_bias", False) or (mt not in ("mistral", "mixtral", "phi3") and bool(cfg.get("attention_bias")))
+    linears, bias = _rules_linears(cfg, fam, h, q, k, inter, attn_bias)
+    experts, top_k, expert_inter, router = _rules_experts(cfg, fam, h, inter)
+    window, sliding_layers = _rules_sliding(cfg, fam, L)
+    return dict(
+        model_type=mt, hidden=h, layers=L, heads=heads, kv_heads=kv, head_dim=hd, intermediate=inter, vocab=vocab,
+        tied=bool(cfg.get("tie_word_embeddings", mt in ("gemma", "gemma2", "gemma3_text"))),
+        qkv_bias=attn_bias, max_positions=cfg.get("max_position_embeddings"),
+        layer_linears=tuple(tuple(x) for x in linears), bias_params=bias,
+        norms_per_layer=fam.get("norms", 2), qk_norm=fam.get("qk_norm", False),
+        experts=experts, experts_per_token=top_k, expert_intermediate=expert_inter, router_params=router,
+        sliding_window=int(window) if window else None, sliding_layers=sliding_layers,
+        eager_only=fam.get("eager_only", False),
+        attn_softcap=bool(cfg.get("attn_logit_softcapping", 50.0 if mt == "gemma2" else None)),
+        rope_sets=fam.get("rope_sets", 1), source="rules",
+    )
+
+
+def _dimensions(cfg: dict) -> tuple[int, int, int, int, int, int, int]:
+    """(hidden, heads, layers, kv heads, head dim, intermediate, vocabulary) of a config.json dict."""
     try:
         h, heads, L = int(cfg["hidden_size"]), int(cfg["num_attention_heads"]), int(cfg["num_hidden_layers"])
         kv = int(cfg.get("num_key_value_heads") or heads)
@@ -92,8 +114,13 @@ def rules_inventory(cfg: dict) -> dict:
         vocab = int(cfg["vocab_size"])
     except KeyError as e:
         raise UserError(f"model config: config.json has no {e.args[0]}; is it a causal language model?") from None
-    q, k = heads * hd, kv * hd
-    attn_bias = fam.get("qkv_bias", False) or (mt not in ("mistral", "mixtral", "phi3") and bool(cfg.get("attention_bias")))
+    return h, heads, L, kv, hd, inter, vocab
+
+
+def _rules_linears(cfg: dict, fam: dict, h: int, q: int, k: int, inter: int, attn_bias: bool) -> tuple[list, int]:
+    """The nn.Linear layers of one decoder layer as [short name, in, out] in module order (a mixture of experts:
+    attention only), and the layer's bias elements."""
+    mt = cfg["model_type"]
     if fam.get("fused"):
         linears = [["o_proj", q, h], ["qkv_proj", h, q + 2 * k]]  # the module order of Phi3Attention
     else:
@@ -101,25 +128,37 @@ def rules_inventory(cfg: dict) -> dict:
     bias = 0
     if attn_bias:  # Qwen2: q/k/v only; the others that have attention_bias: q/k/v/o
         bias = q + 2 * k + (0 if mt == "qwen2" else h)
-    experts = top_k = expert_inter = router = 0
     if fam.get("moe"):
-        if cfg.get("mlp_only_layers") or int(cfg.get("decoder_sparse_step", 1)) != 1:
-            raise UserError(f"model config: '{mt}' with dense layers between expert layers (mlp_only_layers / "
-                            f"decoder_sparse_step) is not modelled; {BY_HAND}")
-        try:  # transformers 5 saves Qwen3-MoE's num_experts as num_local_experts
-            experts = int(cfg.get("num_experts") or cfg["num_local_experts"])
-            expert_inter = int(cfg["moe_intermediate_size"]) if mt == "qwen3_moe" else inter
-            top_k = int(cfg["num_experts_per_tok"])
-        except KeyError as e:
-            raise UserError(f"model config: config.json of '{mt}' has no {e.args[0]}") from None
-        router = experts * h
-    elif fam.get("fused"):
+        return linears, bias
+    if fam.get("fused"):
         linears += [["gate_up_proj", h, 2 * inter], ["down_proj", inter, h]]
     else:
         linears += [["gate_proj", h, inter], ["up_proj", h, inter], ["down_proj", inter, h]]
         if cfg.get("mlp_bias"):
             bias += 2 * inter + h
-    # sliding-window attention: which layers, how wide
+    return linears, bias
+
+
+def _rules_experts(cfg: dict, fam: dict, h: int, inter: int) -> tuple[int, int, int, int]:
+    """(experts per layer, experts per token, expert intermediate width, router parameters); zeros when dense."""
+    if not fam.get("moe"):
+        return 0, 0, 0, 0
+    mt = cfg["model_type"]
+    if cfg.get("mlp_only_layers") or int(cfg.get("decoder_sparse_step", 1)) != 1:
+        raise UserError(f"model config: '{mt}' with dense layers between expert layers (mlp_only_layers / "
+                        f"decoder_sparse_step) is not modelled; {BY_HAND}")
+    try:  # transformers 5 saves Qwen3-MoE's num_experts as num_local_experts
+        experts = int(cfg.get("num_experts") or cfg["num_local_experts"])
+        expert_inter = int(cfg["moe_intermediate_size"]) if mt == "qwen3_moe" else inter
+        top_k = int(cfg["num_experts_per_tok"])
+    except KeyError as e:
+        raise UserError(f"model config: config.json of '{mt}' has no {e.args[0]}") from None
+    return experts, top_k, expert_inter, experts * h
+
+
+def _rules_sliding(cfg: dict, fam: dict, L: int) -> tuple[int | None, int]:
+    """Sliding-window attention: (the window or None, how many of the L layers use it)."""
+    mt = cfg["model_type"]
     window = cfg.get("sliding_window", fam.get("sliding_default"))
     if mt in ("qwen2", "qwen3", "smollm3", "qwen3_moe") and not cfg.get("use_sliding_window", False):
         window = None
@@ -133,18 +172,7 @@ def rules_inventory(cfg: dict) -> dict:
             sliding_layers = sum(1 for i in range(L) if (i + 1) % every)
         else:
             sliding_layers = L
-    return dict(
-        model_type=mt, hidden=h, layers=L, heads=heads, kv_heads=kv, head_dim=hd, intermediate=inter, vocab=vocab,
-        tied=bool(cfg.get("tie_word_embeddings", mt in ("gemma", "gemma2", "gemma3_text"))),
-        qkv_bias=attn_bias, max_positions=cfg.get("max_position_embeddings"),
-        layer_linears=tuple(tuple(x) for x in linears), bias_params=bias,
-        norms_per_layer=fam.get("norms", 2), qk_norm=fam.get("qk_norm", False),
-        experts=experts, experts_per_token=top_k, expert_intermediate=expert_inter, router_params=router,
-        sliding_window=int(window) if window else None, sliding_layers=sliding_layers,
-        eager_only=fam.get("eager_only", False),
-        attn_softcap=bool(cfg.get("attn_logit_softcapping", 50.0 if mt == "gemma2" else None)),
-        rope_sets=fam.get("rope_sets", 1), source="rules",
-    )
+    return window, sliding_layers
 
 
 # --------------------------------------------------------------------------------------------------
@@ -181,63 +209,13 @@ def meta_inventory(cfg: dict, use_cache: bool = True) -> dict:
 
 
 def _build_meta_inventory(cfg: dict) -> dict:
-    import torch
-    from transformers import AutoConfig, AutoModelForCausalLM
-    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
-
     mt = cfg["model_type"]
-    if not _known_to_transformers(mt):
-        raise UserError(f"model config: transformers {_tf_version()} does not know model_type '{mt}' "
-                        f"(a newer transformers, or remote code?); {BY_HAND}")
-    if mt not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
-        raise UserError(f"model config: '{mt}' has no causal-LM class in transformers (not a decoder LM); {BY_HAND}")
-    kwargs = {k: v for k, v in cfg.items() if k not in ("model_type", "architectures", "auto_map", "transformers_version")}
-    try:
-        config = AutoConfig.for_model(mt, **kwargs)
-        with torch.device("meta"):
-            model = AutoModelForCausalLM.from_config(config)
-    except Exception as e:  # noqa: BLE001 - a config transformers cannot build
-        raise UserError(f"model config: transformers cannot build '{mt}' from this config.json "
-                        f"({type(e).__name__}: {str(e).splitlines()[0][:120]}); {BY_HAND}") from None
+    config, model = _meta_model(cfg)
     text = config.get_text_config()
     L = int(text.num_hidden_layers)
-    layers = _decoder_layers(model, L)
-    if layers is None:
-        raise UserError(f"model config: cannot find the {L} decoder layers of '{mt}'; {BY_HAND}")
-    sigs = {tuple((n, tuple(p.shape)) for n, p in layer.named_parameters()) for layer in layers}
-    if len(sigs) != 1:
-        raise UserError(f"model config: the layers of '{mt}' differ in shape (mixed dense / expert layers?); "
-                        f"the memory model plans uniform decoder layers; {BY_HAND}")
-    layer = layers[0]
-    linears, bias, norms, qk_norm, experts, expert_inter, router = [], 0, 0, False, 0, 0, 0
-    lin_params = set()
+    layer = _uniform_layer(model, mt, L)
     h = int(text.hidden_size)
-    for full, mod in layer.named_modules():
-        if isinstance(mod, torch.nn.Linear):
-            linears.append((full.rsplit(".", 1)[-1], mod.in_features, mod.out_features))
-            lin_params.add(f"{full}.weight")
-            if mod.bias is not None:
-                bias += mod.bias.numel()
-                lin_params.add(f"{full}.bias")
-    for pname, p in layer.named_parameters():
-        if pname in lin_params:
-            continue
-        if p.dim() == 3:
-            experts = p.shape[0]
-            if "down" in pname:
-                expert_inter = p.shape[-1] if p.shape[1] == h else p.shape[1]
-        elif p.dim() == 2:
-            router += p.numel()
-        elif p.dim() == 1 and "norm" in pname:
-            if p.numel() == h:
-                norms += 1
-            else:
-                qk_norm = True
-        else:
-            bias += p.numel()
-    expert_params = sum(p.numel() for n, p in layer.named_parameters() if p.dim() == 3)
-    if experts and expert_params != experts * 3 * h * expert_inter:
-        bias += expert_params - experts * 3 * h * expert_inter  # expert biases
+    linears, bias, norms, qk_norm, experts, expert_inter, router = _layer_inventory(layer, h)
     heads = int(text.num_attention_heads)
     hd = int(getattr(text, "head_dim", None) or h // heads)
     types = list(getattr(text, "layer_types", None) or [])
@@ -264,6 +242,78 @@ def _build_meta_inventory(cfg: dict) -> dict:
     # anything else (extra embeddings, final norm width...) is counted so that the total is exact
     inv["total_params"] = int(total)
     return json.loads(json.dumps(inv))  # JSON-able, the same whether fresh or cached
+
+
+def _meta_model(cfg: dict):
+    """(transformers config, causal-LM model on the meta device) of a config.json dict; UserError when transformers
+    does not know the model type, has no causal-LM class for it, or cannot build it."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    mt = cfg["model_type"]
+    if not _known_to_transformers(mt):
+        raise UserError(f"model config: transformers {_tf_version()} does not know model_type '{mt}' "
+                        f"(a newer transformers, or remote code?); {BY_HAND}")
+    if mt not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
+        raise UserError(f"model config: '{mt}' has no causal-LM class in transformers (not a decoder LM); {BY_HAND}")
+    kwargs = {k: v for k, v in cfg.items() if k not in ("model_type", "architectures", "auto_map", "transformers_version")}
+    try:
+        config = AutoConfig.for_model(mt, **kwargs)
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(config)
+    except Exception as e:  # noqa: BLE001 - a config transformers cannot build
+        raise UserError(f"model config: transformers cannot build '{mt}' from this config.json "
+                        f"({type(e).__name__}: {str(e).splitlines()[0][:120]}); {BY_HAND}") from None
+    return config, model
+
+
+def _uniform_layer(model, mt: str, L: int):
+    """The first of the model's L decoder layers; UserError when they cannot be found or differ in shape."""
+    layers = _decoder_layers(model, L)
+    if layers is None:
+        raise UserError(f"model config: cannot find the {L} decoder layers of '{mt}'; {BY_HAND}")
+    sigs = {tuple((n, tuple(p.shape)) for n, p in layer.named_parameters()) for layer in layers}
+    if len(sigs) != 1:
+        raise UserError(f"model config: the layers of '{mt}' differ in shape (mixed dense / expert layers?); "
+                        f"the memory model plans uniform decoder layers; {BY_HAND}")
+    return layers[0]
+
+
+def _layer_inventory(layer, h: int) -> tuple[list, int, int, bool, int, int, int]:
+    """What one decoder layer holds: (its nn.Linear layers as (short name, in, out), bias elements, hidden-width
+    norms, per-head q/k norms, experts, expert intermediate width, router parameters)."""
+    import torch
+
+    linears, bias, norms, qk_norm, experts, expert_inter, router = [], 0, 0, False, 0, 0, 0
+    lin_params = set()
+    for full, mod in layer.named_modules():
+        if isinstance(mod, torch.nn.Linear):
+            linears.append((full.rsplit(".", 1)[-1], mod.in_features, mod.out_features))
+            lin_params.add(f"{full}.weight")
+            if mod.bias is not None:
+                bias += mod.bias.numel()
+                lin_params.add(f"{full}.bias")
+    for pname, p in layer.named_parameters():
+        if pname in lin_params:
+            continue
+        if p.dim() == 3:
+            experts = p.shape[0]
+            if "down" in pname:
+                expert_inter = p.shape[-1] if p.shape[1] == h else p.shape[1]
+        elif p.dim() == 2:
+            router += p.numel()
+        elif p.dim() == 1 and "norm" in pname:
+            if p.numel() == h:
+                norms += 1
+            else:
+                qk_norm = True
+        else:
+            bias += p.numel()
+    expert_params = sum(p.numel() for n, p in layer.named_parameters() if p.dim() == 3)
+    if experts and expert_params != experts * 3 * h * expert_inter:
+        bias += expert_params - experts * 3 * h * expert_inter  # expert biases
+    return linears, bias, norms, qk_norm, experts, expert_inter, router
 
 
 def _decoder_layers(model, n: int):

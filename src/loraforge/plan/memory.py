@@ -346,69 +346,102 @@ def _moe_saved_per_token(shape: ModelShape, act: int, comp: int) -> float:
     return router + experts
 
 
-def estimate(shape: ModelShape, s: TrainSetup) -> MemoryEstimate:
-    """Peak per-device memory of one training step of `s` on the architecture `shape`."""
-    notes: list[str] = []
-    gpu = s.device == "cuda"
+def _widths(s: TrainSetup) -> tuple[int, int, int]:
+    """Bytes per value of (the base weights, the residual stream, what autocast computes in). The residual stream
+    is bf16/fp16 for LoRA; fp32 for QLoRA (peft's prepare_model_for_kbit_training upcasts norms and embeddings to
+    fp32, so every norm output is fp32) and without autocast."""
     half = s.precision in ("bf16", "fp16")
-    quant = s.quant
-    b, seq = s.micro_batch, s.seq_len
-    tokens = b * seq
-    L, h, V = shape.layers, shape.hidden, shape.vocab
-    model_bytes = 2 if half else 4
-    # The residual stream: bf16/fp16 for LoRA; fp32 for QLoRA (peft's prepare_model_for_kbit_training upcasts
-    # norms and embeddings to fp32, so every norm output is fp32) and without autocast.
-    act = 2 if (half and quant == "none") else 4
-    comp = 2 if half else 4  # what autocast computes in
+    return (2 if half else 4), (2 if (half and s.quant == "none") else 4), (2 if half else 4)
 
-    # ---- weights -------------------------------------------------------------------------------
-    linear_params = L * shape.linear_params_per_layer
+
+def _param_shards(s: TrainSetup) -> int:
+    """How many ways the parameters and the LoRA state are sharded: the world under FSDP / ZeRO-3, else 1."""
+    return max(1, s.world_size) if s.strategy in ("fsdp", "zero3", "zero3-offload") else 1
+
+
+def _base_weights(shape: ModelShape, s: TrainSetup) -> int:
+    """The frozen base model per device. FSDP / ZeRO-3 keep a shard of it plus, unsharded, the layer being computed
+    and the one prefetched; ZeRO-3 offload keeps only those two layers (the parameters live in CPU memory)."""
+    model_bytes = _widths(s)[0]
+    linear_params = shape.layers * shape.linear_params_per_layer
     rest = shape.total_params - linear_params  # embeddings, norms, biases (and an untied head)
-    if quant == "none":
-        weights, qconst = shape.total_params * model_bytes, 0
-    elif quant == "4bit":
+    if s.quant == "none":
+        weights = shape.total_params * model_bytes
+    elif s.quant == "4bit":
         weights = linear_params // 2 + rest * 4  # 4-bit packed; the rest upcast to fp32 by peft
-        # bitsandbytes, per linear weight: its 16-entry fp32 NF4/FP4 code and an absmax per 64 weights (fp32;
-        # with double quantization uint8, plus an fp32 absmax per 256 blocks, a 256-entry fp32 code and an
-        # offset). Checked against the bytes of loaded models (tests/test_qlora.py, quant.loaded_bytes).
+    else:  # 8bit (LLM.int8)
+        weights = linear_params + rest * 4
+    shard = _param_shards(s)
+    gathered = 0
+    if shard > 1:
+        per_layer = shape.linear_params_per_layer * (0.5 if s.quant == "4bit" else 1 if s.quant == "8bit" else model_bytes)
+        gathered = int(2 * per_layer)
+        weights = weights // shard + gathered
+    return gathered if s.strategy == "zero3-offload" else weights
+
+
+def _quant_constants(shape: ModelShape, s: TrainSetup) -> int:
+    """bitsandbytes' quantization state per device. 4-bit, per linear weight: its 16-entry fp32 NF4/FP4 code and an
+    absmax per 64 weights (fp32; with double quantization uint8, plus an fp32 absmax per 256 blocks, a 256-entry
+    fp32 code and an offset); checked against the bytes of loaded models (tests/test_qlora.py, quant.loaded_bytes).
+    8-bit: an fp32 scale per output row."""
+    L = shape.layers
+    if s.quant == "none":
+        return 0
+    if s.quant == "4bit":
         per_weight = [-(-i * o // 64) for i, o in shape.linears().values()]
         blocks = L * sum(per_weight)
         if s.double_quant:
             qconst = blocks + L * sum(-(-n // 256) * 4 + 1024 + 4 + 64 for n in per_weight)
         else:
             qconst = blocks * 4 + L * len(per_weight) * 64
-    else:  # 8bit (LLM.int8)
-        weights = linear_params + rest * 4
-        qconst = L * sum(o for _, o in shape.linears().values()) * 4  # per-row scales
-    # ---- LoRA, gradients, optimizer ------------------------------------------------------------
+    else:
+        qconst = L * sum(o for _, o in shape.linears().values()) * 4
+    return qconst // _param_shards(s)
+
+
+@dataclass(frozen=True)
+class _LoraState:
+    """The trainable side per device, in bytes: adapters, their gradients (and DDP's bucket copy), optimizer state,
+    and the optimizer step's transient."""
+
+    params: int
+    grads: int
+    optimizer_state: int
+    optimizer_step: int
+    ddp_buckets: int
+
+
+def _lora_and_optimizer(shape: ModelShape, s: TrainSetup) -> _LoraState:
+    """LoRA adapters, gradients and optimizer state per device. peft keeps adapters in fp32 over a bf16 base; QLoRA
+    adapters are bf16 in a bf16 run, else fp32 (quant.adapter_dtype). FSDP / ZeRO-3 shard all of it, ZeRO-2 the
+    gradients and optimizer state, ZeRO-3 offload keeps the optimizer state in CPU memory; DDP's gradient buckets
+    copy the gradients."""
     n_lora = shape.lora_params(s.lora_r, s.lora_targets)
-    # peft keeps adapters in fp32 over a bf16 base; QLoRA adapters are bf16 in a bf16 run, else fp32 (quant.adapter_dtype)
-    lora_bytes = 2 if quant != "none" and s.precision == "bf16" else 4
+    lora_bytes = 2 if s.quant != "none" and s.precision == "bf16" else 4
     lora = n_lora * lora_bytes
     grads = n_lora * lora_bytes
     opt_state, opt_transient = _opt_state_bytes(s.optimizer, n_lora, lora_bytes)
-
-    # ---- strategy --------------------------------------------------------------------------------
-    world = max(1, s.world_size)
-    shard = world if s.strategy in ("fsdp", "zero3", "zero3-offload") else 1
-    gathered = 0
+    world, shard = max(1, s.world_size), _param_shards(s)
     if shard > 1:
-        per_layer = shape.linear_params_per_layer * (0.5 if quant == "4bit" else 1 if quant == "8bit" else model_bytes)
-        gathered = int(2 * per_layer)  # the layer being computed and the one prefetched, unsharded
-        weights = weights // shard + gathered
-        qconst //= shard
         lora, grads = lora // shard, grads // shard
         opt_state //= shard
         opt_transient //= shard
-    if s.strategy == "zero2" and world > 1:  # gradients and optimizer state sharded, weights replicated
+    if s.strategy == "zero2" and world > 1:
         grads, opt_state, opt_transient = grads // world, opt_state // world, opt_transient // world
     if s.strategy == "zero3-offload":
-        weights, opt_state, opt_transient = gathered, 0, 0
-        notes.append("ZeRO-3 offload: parameters and optimizer state live in CPU memory")
-    ddp_buckets = grads if s.strategy == "ddp" and world > 1 else 0  # DDP's gradient buckets copy the gradients
+        opt_state, opt_transient = 0, 0
+    ddp_buckets = grads if s.strategy == "ddp" and world > 1 else 0
+    return _LoraState(lora, grads, opt_state, opt_transient, ddp_buckets)
 
-    # ---- activations ---------------------------------------------------------------------------
-    per_layer = _layer_saved_per_token(shape, s, act, comp, gpu)
+
+def _activations(shape: ModelShape, s: TrainSetup) -> tuple[float, float]:
+    """(what the decoder layers keep for backward, the widest temporaries while one layer runs backward)."""
+    _, act, comp = _widths(s)
+    seq = s.seq_len
+    tokens = s.micro_batch * seq
+    L, h = shape.layers, shape.hidden
+    per_layer = _layer_saved_per_token(shape, s, act, comp, s.device == "cuda")
     rope = 2 * shape.head_dim * act
     _, masks = _attention_layout(shape, s)
     mask = seq * masks  # each boolean (B, 1, S, S) mask, once per forward
@@ -429,15 +462,27 @@ def estimate(shape: ModelShape, s: TrainSetup) -> MemoryEstimate:
     if (s.attn == "eager" or shape.eager_only) and s.gradient_checkpointing:
         # the recomputed layer's (S x S) score gradients (calibrated on the trace: a quarter byte per score)
         layer_transient += tokens * 0.5 * shape.heads * seq
-    if quant == "4bit" and tokens > FOURBIT_DEQUANT_MIN_TOKENS:
+    if s.quant == "4bit" and tokens > FOURBIT_DEQUANT_MIN_TOKENS:
         layer_transient += max(i * o for i, o in shape.linears().values()) * comp  # dequantised weight
-    # ---- the fused LM head (trl): log-probs in tiles, never the full logits -----------------------
+    return saved_layers, layer_transient
+
+
+def _loss_head(shape: ModelShape, s: TrainSetup) -> tuple[float, float, float]:
+    """The LM head and loss: (what it keeps for backward, its forward peak, its backward peak). On CUDA trl's
+    fused head computes log-probs in tiles, never the full logits; the CPU runs loraforge's plain head
+    (trainer.add_plain_lm_head)."""
+    _, act, comp = _widths(s)
+    tokens, h, V = s.micro_batch * s.seq_len, shape.hidden, shape.vocab
     head_in = act  # the final norm's output: fp32 in QLoRA (fp32 norm weight)
+    if s.device != "cuda":
+        # logits of the labelled positions (at most every token), saved as log-probabilities for the backward,
+        # plus the logits and their gradient while it runs
+        return tokens * (head_in * h + 8 + V * 4), tokens * V * 4 * 2, tokens * V * 4 * 2
     head_saved = tokens * ((4 * h + 4) + head_in * h + 8 + 4 + 4 + 2 + 8)
     tile = min(tokens, HEAD_TOKEN_TILE) * HEAD_VOCAB_TILE * comp  # trl allocates the full tile width
     # QLoRA's fp32 head weight and fp32 hidden states are cast to the compute dtype tile by tile; in the backward
     # the previous tile's cast is still referenced while the next one is made
-    cast_w = quant != "none" and half
+    cast_w = s.quant != "none" and s.precision in ("bf16", "fp16")
     cast_h = head_in != comp
     w_chunk = min(V, HEAD_VOCAB_TILE) * h * comp if cast_w else 0
     h_chunk = min(tokens, HEAD_TOKEN_TILE) * h * comp if cast_h else 0
@@ -447,41 +492,45 @@ def estimate(shape: ModelShape, s: TrainSetup) -> MemoryEstimate:
         (min(tokens, 2 * HEAD_TOKEN_TILE) * h * comp if cast_h else 0) + w_chunk,  # two token tiles
         w_chunk + h_chunk + tokens * h * head_in,  # the gradient cast back at the end
     )
-    if not gpu:
-        # The CPU runs loraforge's plain head (trainer.add_plain_lm_head): logits of the labelled positions
-        # (at most every token), saved as log-probabilities for the backward, plus the logits and their
-        # gradient while it runs.
-        head_saved = tokens * (head_in * h + 8 + V * 4)
-        head_fwd = head_bwd = tokens * V * 4 * 2
+    return head_saved, head_fwd, head_bwd
+
+
+def _workspace(s: TrainSetup, tensor_peak: float) -> dict[str, float]:
+    """What a tensor trace cannot see: on CUDA the context and cuBLAS workspaces (and NCCL's buffers with several
+    processes), and the caching allocator's rounding and fragmentation."""
+    if s.device != "cuda":
+        return {"allocator_margin": int(MARGIN_SHARE * tensor_peak)}
+    return {
+        "cuda_context": CUDA_CONTEXT_BYTES + (NCCL_BYTES if max(1, s.world_size) > 1 else 0),
+        "allocator_margin": int(MARGIN_SHARE * tensor_peak) + MARGIN_FLOOR,
+    }
+
+
+def estimate(shape: ModelShape, s: TrainSetup) -> MemoryEstimate:
+    """Peak per-device memory of one training step of `s` on the architecture `shape`: each term per device, then
+    their sum at the peak, which is the backward's (activations + loss head) or the optimizer step's."""
+    weights, qconst, lora = _base_weights(shape, s), _quant_constants(shape, s), _lora_and_optimizer(shape, s)
+    saved_layers, layer_transient = _activations(shape, s)
+    head_saved, head_fwd, head_bwd = _loss_head(shape, s)
+    notes = ["ZeRO-3 offload: parameters and optimizer state live in CPU memory"] if s.strategy == "zero3-offload" else []
     transient = max(head_fwd, head_bwd, layer_transient)
-
-    static = weights + qconst + lora + grads + opt_state + ddp_buckets
+    static = weights + qconst + lora.params + lora.grads + lora.optimizer_state + lora.ddp_buckets
     fwd_bwd = saved_layers + head_saved + transient
-    if opt_transient > fwd_bwd:
-        phase, tensor_peak = "optimizer", static + opt_transient
-    else:
-        phase, tensor_peak = "backward", static + fwd_bwd
-
     breakdown = {
         "base_weights": weights,
         "quant_constants": qconst,
-        "lora_params": lora,
-        "lora_grads": grads + ddp_buckets,
-        "optimizer_state": opt_state,
+        "lora_params": lora.params,
+        "lora_grads": lora.grads + lora.ddp_buckets,
+        "optimizer_state": lora.optimizer_state,
     }
-    if phase == "optimizer":
-        breakdown["activations"] = 0
-        breakdown["logits_and_loss"] = 0
-        breakdown["optimizer_step"] = opt_transient
+    if lora.optimizer_step > fwd_bwd:
+        phase, tensor_peak = "optimizer", static + lora.optimizer_step
+        breakdown |= {"activations": 0, "logits_and_loss": 0, "optimizer_step": lora.optimizer_step}
     else:
+        phase, tensor_peak = "backward", static + fwd_bwd
         head_part = head_saved + (transient if transient in (head_fwd, head_bwd) else 0)
-        breakdown["activations"] = fwd_bwd - head_part
-        breakdown["logits_and_loss"] = head_part
-    if gpu:
-        breakdown["cuda_context"] = CUDA_CONTEXT_BYTES + (NCCL_BYTES if world > 1 else 0)
-        breakdown["allocator_margin"] = int(MARGIN_SHARE * tensor_peak) + MARGIN_FLOOR
-    else:
-        breakdown["allocator_margin"] = int(MARGIN_SHARE * tensor_peak)
+        breakdown |= {"activations": fwd_bwd - head_part, "logits_and_loss": head_part}
+    breakdown |= _workspace(s, tensor_peak)
     return MemoryEstimate({k: int(v) for k, v in breakdown.items()}, int(tensor_peak), phase, notes)
 
 

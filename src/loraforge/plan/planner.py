@@ -248,6 +248,43 @@ def peak_estimate(shape, setup):
     return MemoryEstimate(breakdown, load - context, "load", list(est.notes) + [note])
 
 
+def _first_fit(shape, setup, seqs: list[int], gcs: list[bool], micros: list[int], budget: float):
+    """(micro-batch, sequence, checkpointing, estimate) of the first setting within `budget` bytes, in the order of
+    preference (the longest sequence, then no checkpointing, then the largest micro-batch); None if none fits."""
+    for seq in seqs:
+        for gc in gcs:
+            for mb in micros:
+                est = peak_estimate(shape, setup.with_(micro_batch=mb, seq_len=seq, gradient_checkpointing=gc))
+                if est.peak <= budget:
+                    return mb, seq, gc, est
+    return None
+
+
+def _solve_notes(chosen, fits: bool, seqs: list[int], micros: list[int], budget_gib: float, lengths,
+                 micro_batch: int | None, gradient_checkpointing: bool | None) -> list[str]:
+    """What the plan says about the setting it chose: a shortened sequence, checkpointing chosen, the micro-batch
+    that would not fit, or that nothing fits."""
+    mb, seq, gc, est = chosen
+    notes: list[str] = []
+    if seq != seqs[0]:
+        share = truncated_share(lengths, seq)
+        cut = f"; truncation cuts {100 * share:.1f}% of the training tokens" if share is not None else ""
+        notes.append(f"max_seq_length auto -> {seq}: {seqs[0]} does not fit in {budget_gib:.1f} GiB{cut}")
+    if gradient_checkpointing is None:
+        why = "needed to fit" if gc else "fits without"
+        notes.append(f"gradient checkpointing auto -> {'on' if gc else 'off'} ({why})")
+    if micro_batch is None and len(micros) > 1 and fits:
+        bigger = [m for m in micros if m > mb]
+        if bigger:
+            notes.append(f"micro-batch {mb}: {min(bigger)} would need more than {budget_gib:.1f} GiB")
+    if not fits:
+        notes.append(
+            f"does not fit: micro-batch {mb}, sequence {seq}, checkpointing {'on' if gc else 'off'} needs "
+            f"{est.peak_gib:.1f} GiB per device, the budget is {budget_gib:.1f} GiB; not launching"
+        )
+    return notes
+
+
 def solve(
     shape,
     setup,
@@ -262,52 +299,23 @@ def solve(
     """The first setting that fits `budget_gib`, in this order of preference: the longest allowed sequence, then
     no gradient checkpointing, then the largest micro-batch. Accumulation = global / (micro x world) exactly.
     `setup` (memory.TrainSetup) carries everything else (quantization, LoRA, optimizer, world, strategy)."""
-    estimate = peak_estimate
-
     world = setup.world_size
     seqs = seqs or [setup.seq_len]
     gcs = [gradient_checkpointing] if gradient_checkpointing is not None else [False, True]
     micros = micro_batch_candidates(global_batch, world, micro_batch, grad_accum)
-    budget = budget_gib * GIB
-    notes: list[str] = []
-    chosen = None
-    for seq in seqs:
-        for gc in gcs:
-            for mb in micros:
-                est = estimate(shape, setup.with_(micro_batch=mb, seq_len=seq, gradient_checkpointing=gc))
-                if est.peak <= budget:
-                    chosen = (mb, seq, gc, est)
-                    break
-            if chosen:
-                break
-        if chosen:
-            break
+    chosen = _first_fit(shape, setup, seqs, gcs, micros, budget_gib * GIB)
     fits = chosen is not None
     if not fits:  # report the smallest setting, and what would fit
         mb, seq, gc = micros[-1], seqs[-1], gcs[-1]
-        chosen = (mb, seq, gc, estimate(shape, setup.with_(micro_batch=mb, seq_len=seq, gradient_checkpointing=gc)))
+        chosen = (mb, seq, gc, peak_estimate(shape, setup.with_(micro_batch=mb, seq_len=seq, gradient_checkpointing=gc)))
     mb, seq, gc, est = chosen
     if micro_batch is not None or grad_accum is not None:
         batch = plan_batch(global_batch, world, micro_batch, grad_accum)
     else:
         batch = plan_batch(global_batch, world, max_micro_batch=mb)
-    if seq != seqs[0]:
-        share = truncated_share(lengths, seq)
-        cut = f"; truncation cuts {100 * share:.1f}% of the training tokens" if share is not None else ""
-        notes.append(f"max_seq_length auto -> {seq}: {seqs[0]} does not fit in {budget_gib:.1f} GiB{cut}")
-    if gradient_checkpointing is None:
-        why = "needed to fit" if gc else "fits without"
-        notes.append(f"gradient checkpointing auto -> {'on' if gc else 'off'} ({why})")
-    if micro_batch is None and len(micros) > 1 and fits:
-        bigger = [m for m in micros if m > mb]
-        if bigger:
-            notes.append(f"micro-batch {mb}: {min(bigger)} would need more than {budget_gib:.1f} GiB")
+    notes = _solve_notes(chosen, fits, seqs, micros, budget_gib, lengths, micro_batch, gradient_checkpointing)
     suggestions: tuple[str, ...] = ()
     if not fits:
-        notes.append(
-            f"does not fit: micro-batch {mb}, sequence {seq}, checkpointing {'on' if gc else 'off'} needs "
-            f"{est.peak_gib:.1f} GiB per device, the budget is {budget_gib:.1f} GiB; not launching"
-        )
         suggestions = tuple(suggest(shape, setup.with_(micro_batch=mb, seq_len=seq, gradient_checkpointing=True),
                                     budget_gib, lengths))
     return Solution(batch, seq, gc, est, fits, budget_gib, tuple(notes), suggestions)
