@@ -214,7 +214,7 @@ def lora_config(lora: LoraSection, model):
     )
 
 
-def add_lora(model, recipe: Recipe, gradient_checkpointing: bool, zero3: bool = False):
+def add_lora(model, lora: LoraSection, quant_mode: str, gradient_checkpointing: bool, zero3: bool = False):
     """Prepare a quantized base for training (peft), inject LoRA, and return (peft model, trainable, total).
 
     Under ZeRO-3 the adapters keep the base's dtype (`autocast_adapter_dtype=False`): peft's default fp32
@@ -222,13 +222,13 @@ def add_lora(model, recipe: Recipe, gradient_checkpointing: bool, zero3: bool = 
     sft_trainer.py `autocast_adapter_dtype=False` for ZeRO-3)."""
     from peft import get_peft_model, prepare_model_for_kbit_training
 
-    if recipe.quantization.mode != "none":
+    if quant_mode != "none":
         model = prepare_model_for_kbit_training(
             model,
             use_gradient_checkpointing=gradient_checkpointing,
             gradient_checkpointing_kwargs={"use_reentrant": False},
         )
-    config = lora_config(recipe.lora, model)
+    config = lora_config(lora, model)
     model = get_peft_model(model, config, autocast_adapter_dtype=not zero3)
     trainable, total = model.get_nb_trainable_parameters()
     return model, trainable, total

@@ -38,7 +38,7 @@ from dataclasses import dataclass, field
 from loraforge.model.modeling import add_lora
 from loraforge.model.quant import adapter_dtype
 from loraforge.plan.memory import ModelShape, TrainSetup
-from loraforge.recipe import recipe_from_dict
+from loraforge.recipe import LoraSection
 
 GIB = 2**30
 _CUDA_BLOCK = 512  # the CUDA caching allocator's smallest block; every allocation is rounded up to it
@@ -203,22 +203,10 @@ def _real_run_masks(packing: bool):
         masking_utils.find_packed_sequence_indices = saved
 
 
-def _recipe_for(setup: TrainSetup):
-    return recipe_from_dict(
-        {
-            "model": {"name_or_path": "trace", "attn_implementation": setup.attn},
-            "quantization": {"mode": setup.quant, "double_quant": setup.double_quant},
-            "lora": {
-                "r": setup.lora_r,
-                "alpha": 2 * setup.lora_r,
-                "dropout": setup.lora_dropout,
-                "target_modules": setup.lora_targets if isinstance(setup.lora_targets, str) else list(setup.lora_targets),
-            },
-            "data": {"sources": [{"path": "trace.jsonl"}], "max_seq_length": setup.seq_len},
-            "training": {"optimizer": setup.optimizer},
-            "output_dir": "trace",
-        }
-    )
+def _lora_for(setup: TrainSetup) -> LoraSection:
+    """The LoRA settings the traced step trains with (alpha 2r, as the recipes' default)."""
+    targets = setup.lora_targets if isinstance(setup.lora_targets, str) else list(setup.lora_targets)
+    return LoraSection(r=setup.lora_r, alpha=2 * setup.lora_r, dropout=setup.lora_dropout, target_modules=targets)
 
 
 def _to_4bit(model, compute_dtype, double_quant: bool) -> None:
@@ -336,7 +324,6 @@ def _trainer_model(shape: ModelShape, setup: TrainSetup, dtype):
     from transformers import AutoModelForCausalLM
     from trl.trainer.utils import add_fused_lm_head
 
-    recipe = _recipe_for(setup)
     config = build_config(shape)
     with torch.device("meta"):
         attn = "eager" if shape.eager_only else setup.attn  # e.g. Gemma-2: transformers has no SDPA path
@@ -345,7 +332,7 @@ def _trainer_model(shape: ModelShape, setup: TrainSetup, dtype):
         if setup.quant == "4bit":
             _to_4bit(model, dtype, setup.double_quant)
         # The trainer's own code: prepare_model_for_kbit_training (QLoRA) + get_peft_model
-        model, _, _ = add_lora(model, recipe, setup.gradient_checkpointing)
+        model, _, _ = add_lora(model, _lora_for(setup), setup.quant, setup.gradient_checkpointing)
     # What SFTTrainer does to the PeftModel it is given (trl 1.16, sft_trainer.py)
     if setup.gradient_checkpointing:
         model.enable_input_require_grads()

@@ -196,7 +196,8 @@ def model_with_lora(recipe: Recipe, prep: Prepared, hw, run_dir: Path, libs, clo
     )
     memory = libs.memreport.DeviceMemoryReport(plan, run_dir, hw.rank)
     memory.after_load(model)
-    model, trainable, total = add_lora(model, recipe, plan.gradient_checkpointing, zero3=plan.strategy == "zero3")
+    model, trainable, total = add_lora(model, recipe.lora, recipe.quantization.mode, plan.gradient_checkpointing,
+                                      zero3=plan.strategy == "zero3")
     clock.mark("model")
     if hw.rank == 0:
         log.info("LoRA: %s trainable of %s parameters (%.2f%%)", f"{trainable:,}", f"{total:,}", 100 * trainable / total)
