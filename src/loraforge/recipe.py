@@ -15,6 +15,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from .errors import UserError
+from .pref_recipe import PreferenceSection
 
 Auto = Literal["auto"]
 
@@ -33,6 +34,8 @@ class ModelSection(_Strict):
     )
     attn_implementation: Literal["auto", "sdpa", "eager", "flash_attention_2"] = "sdpa"
     trust_remote_code: bool = Field(False, description="Run code shipped with the model. Off unless you turn it on.")
+    adapter_from: str | None = Field(None, description="A finished SFT run directory: its adapter is where a "
+                                     "preference run (training.method dpo/orpo) starts (pref_recipe.py).")
 
 
 class QuantizationSection(_Strict):
@@ -63,7 +66,7 @@ class LoraSection(_Strict):
         return v
 
 
-DataFormat = Literal["auto", "alpaca", "messages", "sharegpt", "prompt-completion", "text"]
+DataFormat = Literal["auto", "alpaca", "messages", "sharegpt", "prompt-completion", "text", "preference"]
 
 
 class DataSource(_Strict):
@@ -100,6 +103,8 @@ class DataSection(_Strict):
 
 
 class TrainingSection(_Strict):
+    method: Literal["sft", "dpo", "orpo"] = Field(
+        "sft", description="sft, or a preference objective on {prompt, chosen, rejected} pairs: dpo, orpo (pref_recipe.py).")
     epochs: float = Field(1.0, gt=0)
     max_steps: int = Field(-1, ge=-1, description="> 0 overrides epochs.")
     learning_rate: float = Field(2e-4, gt=0, lt=1)
@@ -168,6 +173,7 @@ class Recipe(_Strict):
     output_dir: str = Field(description="The run directory: adapter, resolved recipe, plan, metrics, checkpoints.")
     tracking: TrackingSection = Field(default_factory=TrackingSection)
     samples: SamplesSection = Field(default_factory=SamplesSection)
+    preference: PreferenceSection | None = Field(None, description="Keys of training.method dpo / orpo (pref_recipe.py).")
 
     # Where the recipe came from; relative data paths resolve against it. Not part of the YAML.
     _source: Path | None = None
@@ -185,8 +191,21 @@ class Recipe(_Strict):
         return path
 
     def to_dict(self) -> dict[str, Any]:
-        """Every field, defaults included: what `plan` shows and the run directory keeps."""
-        return self.model_dump(mode="json")
+        """Every field, defaults included: what `plan` shows and the run directory keeps. An SFT recipe leaves
+        out the preference keys (its dump is what it was before they existed)."""
+        out = self.model_dump(mode="json")
+        if self.training.method == "sft":
+            out.pop("preference", None)
+            out["training"].pop("method", None)
+            if out["model"].get("adapter_from") is None:
+                out["model"].pop("adapter_from", None)
+        else:
+            from .pref_recipe import DPO_ONLY
+
+            out["preference"] = out.get("preference") or PreferenceSection().model_dump(mode="json")
+            if self.training.method == "orpo":
+                out["preference"] = {k: v for k, v in out["preference"].items() if k not in DPO_ONLY}
+        return out
 
 
 # --------------------------------------------------------------------------------------------------
@@ -306,6 +325,13 @@ def recipe_from_dict(
     except ValidationError as e:
         errors = e.errors(include_url=False)
         raise UserError(_format_error(errors[0], where, lines or {}, set_keys or set())) from None
+    from .pref_recipe import check
+
+    given = {k: (set(v) if isinstance(v, dict) else set()) for k, v in data.items() if k in ("preference", "model")}
+    broken = check(recipe, given)
+    if broken is not None:
+        err = {"loc": broken[0], "type": "value_error", "msg": broken[1]}
+        raise UserError(_format_error(err, where, lines or {}, set_keys or set()))
     return recipe
 
 

@@ -61,6 +61,7 @@ class RunResult:
     startup_s: float | None = None  # command -> end of the first optimizer step
     startup_stages: dict = field(default_factory=dict)  # seconds from the command to the end of each stage
     samples: list[dict] = field(default_factory=list)
+    preference: dict | None = None  # training.method dpo/orpo: before/after scores (preference.py)
 
     def summary(self) -> dict:
         out = {k: v for k, v in asdict(self).items() if k not in ("run_dir", "trained", "samples")}
@@ -353,7 +354,11 @@ def _run(recipe: Recipe, overwrite: bool = False, quiet: bool = False) -> RunRes
 
     stop = StopOnSignal()  # USR1/TERM: finish the step, checkpoint, exit 75 (SLURM requeues; see preemption.py)
     stage("reading and tokenizing the data, planning")
-    prep = prepare(recipe, hw)
+    pref = None
+    if recipe.training.method != "sft":  # DPO / ORPO: pairs, DPOConfig, starting adapter, trainer (preference.py)
+        from . import preference as pref
+        from .pref_data import prepare_preference
+    prep = prepare_preference(recipe, hw) if pref else prepare(recipe, hw)
     stages["data_and_plan"] = round(time.time() - started, 2)
     plan, tokenizer = prep.plan, prep.tokenizer
     if plan.fits is False:  # the memory model says it cannot fit: do not launch
@@ -366,7 +371,7 @@ def _run(recipe: Recipe, overwrite: bool = False, quiet: bool = False) -> RunRes
     from transformers import set_seed
 
     # The training arguments first: they set this rank's device and (ZeRO-3) switch loading to zero.Init.
-    args = sft_config(recipe, plan, run_dir, report_to(recipe))
+    args = (pref.training_args if pref else sft_config)(recipe, plan, run_dir, report_to(recipe))
     _ = args.device  # builds accelerate's PartialState now: torch.cuda.set_device(local_rank) on GPUs
     set_seed(recipe.training.seed)  # LoRA's A matrices are random: the same recipe must start from the same weights
     stage(f"loading the model {recipe.model.name_or_path}")
@@ -378,7 +383,8 @@ def _run(recipe: Recipe, overwrite: bool = False, quiet: bool = False) -> RunRes
 
     memory_report = DeviceMemoryReport(plan, run_dir, hw.rank)
     memory_report.after_load(model)
-    model, trainable, total = add_lora(model, recipe, plan.gradient_checkpointing, zero3=plan.strategy == "zero3")
+    model, trainable, total = (pref.add_adapter if pref else add_lora)(model, recipe, plan.gradient_checkpointing,
+                                                                        zero3=plan.strategy == "zero3")
     stages["model"] = round(time.time() - started, 2)
     if is_main:
         log.info("LoRA: %s trainable of %s parameters (%.2f%%)", f"{trainable:,}", f"{total:,}", 100 * trainable / total)
@@ -410,24 +416,28 @@ def _run(recipe: Recipe, overwrite: bool = False, quiet: bool = False) -> RunRes
     from .batching import RowCollator
 
     attn = getattr(model.config, "_attn_implementation", None) or ""
-    trainer = make_trainer_class()(
-        model=model,
-        args=args,
-        data_collator=RowCollator(tokenizer.pad_token_id, plan.max_seq_length, flatten="flash" in attn),
-        loss_head=plan.loss_head,
-        rows_per_forward=plan.rows_per_forward,
-        train_dataset=prep.train_ds,
-        eval_dataset=prep.eval_ds,
-        processing_class=tokenizer,
-        callbacks=[
-            MetricsFile(run_dir / "metrics.jsonl"),
-            NonFiniteGuard(recipe.training.on_nonfinite, recipe.training.max_skipped_steps, ckpt_dir),
-            TrackedConfig(recipe.tracking.backends, {
-                "recipe": recipe.to_dict(), "plan": plan.to_dict(), "hardware": hw.to_dict(),
-                "versions": library_versions(),
-            }),
-        ],
-    )
+    callbacks = [
+        MetricsFile(run_dir / "metrics.jsonl"),
+        NonFiniteGuard(recipe.training.on_nonfinite, recipe.training.max_skipped_steps, ckpt_dir),
+        TrackedConfig(recipe.tracking.backends, {
+            "recipe": recipe.to_dict(), "plan": plan.to_dict(), "hardware": hw.to_dict(),
+            "versions": library_versions(),
+        }),
+    ]
+    if pref:
+        trainer = pref.make_trainer(recipe, model, args, tokenizer, prep.train_ds, prep.eval_ds, callbacks)
+    else:
+        trainer = make_trainer_class()(
+            model=model,
+            args=args,
+            data_collator=RowCollator(tokenizer.pad_token_id, plan.max_seq_length, flatten="flash" in attn),
+            loss_head=plan.loss_head,
+            rows_per_forward=plan.rows_per_forward,
+            train_dataset=prep.train_ds,
+            eval_dataset=prep.eval_ds,
+            processing_class=tokenizer,
+            callbacks=callbacks,
+        )
     from .launch import check_launched, launch_record
 
     # What accelerate really runs (a CPU would turn FSDP into DDP, ACCELERATE_USE_CPU ZeRO into DDP, without a
@@ -494,7 +504,7 @@ def _run(recipe: Recipe, overwrite: bool = False, quiet: bool = False) -> RunRes
         predicted_peak_gib=plan.to_dict().get("predicted_peak_gib"),
         mfu=mfu,
         flops_per_token=per_token, peak_flops=peak_flops, peak_source=source, startup_s=startup.startup_s,
-        startup_stages=stages,
+        startup_stages=stages, preference=getattr(trainer, "lf_report", None),
     )
     from .saving import check_saved_adapter, save_adapter
 
