@@ -104,7 +104,7 @@ def iter_pairs(sources, recipe):
             raise UserError(f"data.sources[].format: {src.format} is not a preference format; training.method "
                             f"{recipe.training.method} reads {{prompt, chosen, rejected}} pairs (format: auto or preference)")
         for rec in iter_records(src, recipe):
-            if not is_preference(rec.row):
+            if "chosen" not in rec.row and "rejected" not in rec.row:
                 raise UserError(
                     f"{rec.origin}: not a preference record (keys {sorted(rec.row)}); training.method "
                     f"{recipe.training.method} needs 'chosen' and 'rejected' answers to a 'prompt' "

@@ -68,7 +68,7 @@ def check(recipe, fields_set: dict) -> tuple[tuple, str] | None:
     pref_keys = fields_set.get("preference")
     if method == "sft":
         if pref_keys is not None:
-            return ("preference",), "only used by a preference method; set training.method: dpo or orpo, or remove the section"
+            return ("preference",) + tuple(pref_keys[:1]), "only used by a preference method; set training.method: dpo or orpo, or remove the section"
         if recipe.model.adapter_from is not None:
             return ("model", "adapter_from"), ("starting from an adapter is offered for training.method dpo or orpo; "
                                                "remove it for SFT")

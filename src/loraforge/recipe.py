@@ -327,7 +327,7 @@ def recipe_from_dict(
         raise UserError(_format_error(errors[0], where, lines or {}, set_keys or set())) from None
     from .pref_recipe import check
 
-    given = {k: (set(v) if isinstance(v, dict) else set()) for k, v in data.items() if k in ("preference", "model")}
+    given = {k: (list(v) if isinstance(v, dict) else []) for k, v in data.items() if k in ("preference", "model")}
     broken = check(recipe, given)
     if broken is not None:
         err = {"loc": broken[0], "type": "value_error", "msg": broken[1]}
