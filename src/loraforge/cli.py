@@ -122,6 +122,10 @@ def _print_result(result) -> None:
     if result.trainable_params:
         table.add_row("trainable params", f"{result.trainable_params:,} of {result.total_params:,}")
     table.add_row("adapter", str(result.run_dir / "adapter_model.safetensors"))
+    if getattr(result, "preference", None):  # DPO / ORPO: before -> after (preference.py)
+        from .preference import format_report
+
+        table.add_row(f"preference ({result.preference['method']})", format_report(result.preference))
     if not result.trained:
         table.add_row("note", "already trained; use --overwrite to train again")
     console.print(table)
@@ -129,9 +133,13 @@ def _print_result(result) -> None:
         samples = Table(title="base vs fine-tuned, on prompts not in the training data", show_lines=True)
         samples.add_column("prompt", style="bold")
         samples.add_column("base model")
+        start = {r["prompt"]: r["start"] for r in (getattr(result, "preference", None) or {}).get("start_answers", [])}
+        if start:
+            samples.add_column("start (adapter_from)")
         samples.add_column("fine-tuned", style="green")
         for row in result.samples:
-            samples.add_row(row["prompt"], row["base"], row["fine_tuned"])
+            samples.add_row(row["prompt"], row["base"], *([start.get(row["prompt"], "")] if start else []),
+                            row["fine_tuned"])
         console.print(samples)
     d = result.run_dir
     console.print(

@@ -64,7 +64,12 @@ def build(recipe, hw, trace: bool = False) -> dict:
     else:
         from .train import prepare
 
-        prep = prepare(recipe, hw)
+        if recipe.training.method != "sft":  # DPO / ORPO pairs (pref_data.py); the start adapter may come later
+            from .pref_data import prepare_preference
+
+            prep = prepare_preference(recipe, hw, check_adapter=False)
+        else:
+            prep = prepare(recipe, hw)
         plan, data = prep.plan, prep.data_summary()
         try:
             from .modeling import base_model_dir

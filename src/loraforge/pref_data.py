@@ -182,7 +182,7 @@ def check_start_adapter(recipe) -> None:
                                 "the run trains that adapter: set the same value")
 
 
-def prepare_preference(recipe, hw):
+def prepare_preference(recipe, hw, check_adapter: bool = True):
     """recipe + hardware -> tokenized preference pairs and the plan (train.Prepared). Read and validated first:
     a bad record stops here, before any model loads."""
     from datasets import Dataset
@@ -193,7 +193,8 @@ def prepare_preference(recipe, hw):
     from .modeling import base_model_dir, load_tokenizer
     from .train import Prepared, make_plan
 
-    check_start_adapter(recipe)
+    if check_adapter:
+        check_start_adapter(recipe)
     d = recipe.data
     template = data_mod.resolve_chat_template(recipe)
     pairs = list(iter_pairs(d.sources, recipe))
@@ -242,7 +243,12 @@ def prepare_preference(recipe, hw):
             + (" plus a reference forward without gradients" if recipe.training.method == "dpo" else "")
             + f"; truncation: the prompt keeps its last {max_prompt} tokens, the answers their first tokens up to "
             f"{plan.max_seq_length} in all")
-    plan = replace(plan, notes=plan.notes + (note,))
+    from .planner import CPU_EXECUTION_NOTE
+
+    # trl's DPOTrainer runs a micro-batch's pairs padded in one forward through its fused LM head: the SFT row
+    # packing (batching.py) and plain head do not apply
+    notes = tuple(n for n in plan.notes if n != CPU_EXECUTION_NOTE) + (note,)
+    plan = replace(plan, notes=notes, rows_per_forward=None, loss_head="fused")
     rule = {"max_seq_length": plan.max_seq_length, "max_prompt_length": max_prompt,
             "prompt_keeps": "end", "answers_keep": "start"}
 
