@@ -247,6 +247,7 @@ def test_dpo_from_a_run_of_another_base_is_refused(tmp_path, tiny_model_dir, sft
         check_start_adapter(recipe)
 
 
+@pytest.mark.slow
 def test_preempted_dpo_run_resumes_to_the_same_adapter(tmp_path, tiny_model_dir, monkeypatch):
     from safetensors.torch import load_file
 
@@ -276,3 +277,27 @@ def test_preempted_dpo_run_resumes_to_the_same_adapter(tmp_path, tiny_model_dir,
     assert got.keys() == expected.keys()
     diff = max((got[k] - expected[k]).abs().max().item() for k in got)
     assert diff <= 1e-5, f"resumed adapter differs by {diff}"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("strategy", ["ddp", "zero2"])
+def test_two_processes_train_the_same_dpo_adapter_as_one(tmp_path_factory, tiny_model_dir, strategy):
+    """The topology proof of the SFT step (test_launch.py) for DPO: 1 process vs 2 CPU processes at the same
+    global batch give the same adapter."""
+    from safetensors.torch import load_file
+
+    from test_launch import _loraforge
+
+    tmp = tmp_path_factory.mktemp(f"dpo-{strategy}")
+    kw = dict(max_steps=6, global_batch_size=8, micro_batch_size=2, lr_scheduler="cosine", warmup=1)
+    _loraforge("train", str(_pref_recipe(tmp, tiny_model_dir, "one", **kw)), "--quiet")
+    _loraforge("launch", str(_pref_recipe(tmp, tiny_model_dir, "two", **kw)), "--strategy", strategy, "--gpus", "2",
+               "--set", "training.device=cpu")
+    one, two = (json.loads((tmp / n / "plan.json").read_text()) for n in ("one", "two"))
+    assert (one["world_size"], two["world_size"], two["strategy"]) == (1, 2, strategy)
+    assert two["gradient_accumulation_steps"] * 2 == one["gradient_accumulation_steps"]
+    a, b = load_file(tmp / "one" / "adapter_model.safetensors"), load_file(tmp / "two" / "adapter_model.safetensors")
+    assert a.keys() == b.keys()
+    assert max((a[k] - b[k]).abs().max().item() for k in a) <= 1e-5
+    r1, r2 = (json.loads((tmp / n / "preference.json").read_text()) for n in ("one", "two"))
+    assert r1["after"] == pytest.approx(r2["after"], abs=1e-3)  # every rank scored the same pairs
