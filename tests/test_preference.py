@@ -213,6 +213,12 @@ def test_preference_run_learns_the_preference(tmp_path, tiny_model_dir, method):
     assert not (run_dir / "ref").exists()
     assert load_recipe(run_dir / "recipe.yaml").training.method == method  # the kept recipe loads again
     assert (merge(run_dir, tmp_path / "merged") / "config.json").is_file()
+    from loraforge.evaluate import evaluate_run
+
+    scored = evaluate_run(run_dir, data=tmp_path / "pairs.jsonl")  # eval reads pairs: NLL of the chosen answers
+    assert scored.examples == 16
+    if method == "orpo":  # ORPO's loss includes the chosen answers' NLL (DPO's need not lower it)
+        assert scored.fine_tuned.loss < scored.base.loss
 
 
 def test_dpo_from_an_sft_run_uses_its_adapter_and_a_frozen_copy_as_reference(tmp_path, tiny_model_dir, sft_run):

@@ -43,14 +43,17 @@ def held_out_examples(recipe, data: str | Path | None) -> tuple[list[dict], str]
     from . import data as data_mod
     from .recipe import DataSource
 
+    load = data_mod.load_examples
+    if recipe.training.method != "sft":  # DPO / ORPO runs: the loss of the chosen answers (pref_data.py)
+        from .pref_data import chosen_examples as load
     if data is not None:
         path = Path(data).expanduser().resolve()
-        return data_mod.load_examples([DataSource(path=str(path))], recipe), str(path)
-    examples = data_mod.load_examples(recipe.data.sources, recipe)
+        return load([DataSource(path=str(path))], recipe), str(path)
+    examples = load(recipe.data.sources, recipe)
     _, held = data_mod.split_eval(examples, recipe.data.eval_split, recipe.training.seed)
     parts = [f"{len(held)} held out by data.eval_split={recipe.data.eval_split} (seed {recipe.training.seed})"] if held else []
     if recipe.data.eval_sources:
-        extra = data_mod.load_examples(recipe.data.eval_sources, recipe)
+        extra = load(recipe.data.eval_sources, recipe)
         held = held + extra
         parts.append(f"{len(extra)} from data.eval_sources")
     if not held:

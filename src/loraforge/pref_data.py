@@ -112,6 +112,12 @@ def iter_pairs(sources, recipe):
             yield (rec.origin, *normalise_pair(rec.row, rec.origin, recipe.data.system_prompt))
 
 
+def chosen_examples(sources, recipe) -> list[dict]:
+    """The pairs as chats of the prompt and the chosen answer: what `loraforge eval` scores for a preference run
+    (the same held-out split: data.eval_indices over the same records)."""
+    return [{"messages": p + c} for _, p, c, _ in iter_pairs(sources, recipe)]
+
+
 def render_pair(tokenizer, prompt: list, chosen: list, rejected: list, template: str | None = None,
                 origin: str = "") -> dict[str, list[int]]:
     """Token ids of the prompt (with the generation prompt) and of each answer as the template continues it."""
