@@ -16,7 +16,7 @@ from loraforge.errors import UserError
 from loraforge.launch import preview as planview
 from loraforge.launch import slurm
 from loraforge.launch.accelerate import Topology, accelerate_args, render_command, run_accelerate
-from loraforge.launch.preview import plan_launch
+from loraforge.launch.accelerate.preview import plan_launch
 from loraforge.plan.hardware import detect
 from loraforge.recipe import dump_recipe, load_recipe
 from loraforge.resources import find_recipe, shipped_dir
@@ -83,6 +83,10 @@ def _print_result(result) -> None:
     if result.trainable_params:
         table.add_row("trainable params", f"{result.trainable_params:,} of {result.total_params:,}")
     table.add_row("adapter", str(result.run_dir / "adapter_model.safetensors"))
+    if getattr(result, "preference", None):  # DPO / ORPO: before -> after (preference.py)
+        from loraforge.run.preference import format_report
+
+        table.add_row(f"preference ({result.preference['method']})", format_report(result.preference))
     if not result.trained:
         table.add_row("note", "already trained; use --overwrite to train again")
     console.print(table)
@@ -90,9 +94,13 @@ def _print_result(result) -> None:
         samples = Table(title="base vs fine-tuned, on prompts not in the training data", show_lines=True)
         samples.add_column("prompt", style="bold")
         samples.add_column("base model")
+        start = {r["prompt"]: r["start"] for r in (getattr(result, "preference", None) or {}).get("start_answers", [])}
+        if start:
+            samples.add_column("start (adapter_from)")
         samples.add_column("fine-tuned", style="green")
         for row in result.samples:
-            samples.add_row(row["prompt"], row["base"], row["fine_tuned"])
+            samples.add_row(row["prompt"], row["base"], *([start.get(row["prompt"], "")] if start else []),
+                            row["fine_tuned"])
         console.print(samples)
     d = result.run_dir
     console.print(

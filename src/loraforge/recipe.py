@@ -15,6 +15,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from loraforge.errors import UserError
+from loraforge.preference_recipe import PreferenceSection
 
 Auto = Literal["auto"]
 
@@ -35,6 +36,8 @@ class ModelSection(_Strict):
         "auto", description="auto = SDPA where transformers has it for the model, eager otherwise (Gemma-2)."
     )
     trust_remote_code: bool = Field(False, description="Run code shipped with the model. Off unless you turn it on.")
+    adapter_from: str | None = Field(None, description="A finished SFT run directory: its adapter is where a "
+                                     "preference run (training.method dpo/orpo) starts (pref_recipe.py).")
 
 
 class QuantizationSection(_Strict):
@@ -65,7 +68,7 @@ class LoraSection(_Strict):
         return v
 
 
-DataFormat = Literal["auto", "alpaca", "messages", "sharegpt", "prompt-completion", "text"]
+DataFormat = Literal["auto", "alpaca", "messages", "sharegpt", "prompt-completion", "text", "preference"]
 
 
 class DataSource(_Strict):
@@ -102,6 +105,8 @@ class DataSection(_Strict):
 
 
 class TrainingSection(_Strict):
+    method: Literal["sft", "dpo", "orpo"] = Field(
+        "sft", description="sft, or a preference objective on {prompt, chosen, rejected} pairs: dpo, orpo (pref_recipe.py).")
     epochs: float = Field(1.0, gt=0)
     max_steps: int = Field(-1, ge=-1, description="> 0 overrides epochs.")
     learning_rate: float = Field(2e-4, gt=0, lt=1)
@@ -170,6 +175,7 @@ class Recipe(_Strict):
     output_dir: str = Field(description="The run directory: adapter, resolved recipe, plan, metrics, checkpoints.")
     tracking: TrackingSection = Field(default_factory=TrackingSection)
     samples: SamplesSection = Field(default_factory=SamplesSection)
+    preference: PreferenceSection | None = Field(None, description="Keys of training.method dpo / orpo (pref_recipe.py).")
 
     # Where the recipe came from; relative data paths resolve against it. Not part of the YAML.
     _source: Path | None = None
@@ -187,8 +193,21 @@ class Recipe(_Strict):
         return path
 
     def to_dict(self) -> dict[str, Any]:
-        """Every field, defaults included: what `plan` shows and the run directory keeps."""
-        return self.model_dump(mode="json")
+        """Every field, defaults included: what `plan` shows and the run directory keeps. An SFT recipe leaves
+        out the preference keys (its dump is what it was before they existed)."""
+        out = self.model_dump(mode="json")
+        if self.training.method == "sft":
+            out.pop("preference", None)
+            out["training"].pop("method", None)
+            if out["model"].get("adapter_from") is None:
+                out["model"].pop("adapter_from", None)
+        else:
+            from loraforge.preference_recipe import DPO_ONLY
+
+            out["preference"] = out.get("preference") or PreferenceSection().model_dump(mode="json")
+            if self.training.method == "orpo":
+                out["preference"] = {k: v for k, v in out["preference"].items() if k not in DPO_ONLY}
+        return out
 
 
 # --------------------------------------------------------------------------------------------------
@@ -308,6 +327,13 @@ def recipe_from_dict(
     except ValidationError as e:
         errors = e.errors(include_url=False)
         raise UserError(_format_error(errors[0], where, lines or {}, set_keys or set())) from None
+    from loraforge.preference_recipe import check
+
+    given = {k: (list(v) if isinstance(v, dict) else []) for k, v in data.items() if k in ("preference", "model")}
+    broken = check(recipe, given)
+    if broken is not None:
+        err = {"loc": broken[0], "type": "value_error", "msg": broken[1]}
+        raise UserError(_format_error(err, where, lines or {}, set_keys or set()))
     return recipe
 
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from loraforge.data.prepare import prepare
+from loraforge.data.dataset.prepare import prepare
 from loraforge.errors import UserError
 from loraforge.model.trace import trace_step
 from loraforge.plan.hardware import detect
@@ -87,7 +87,8 @@ def build(recipe, hw, trace: bool = False) -> PlanView:
         if model_max and plan.max_seq_length > model_max:
             notes.append(f"data.max_seq_length {plan.max_seq_length} is beyond the model's context of {model_max}")
     else:
-        prep = prepare(recipe, hw)
+        # DPO / ORPO pairs (data/pairs.py); the start adapter is checked when the run starts
+        prep = prepare(recipe, hw) if recipe.training.method == "sft" else prepare_preference(recipe, hw, check_adapter=False)
         plan, data, shape = prep.plan, prep.data_summary(), prep.shape
     model = None
     if shape is not None:

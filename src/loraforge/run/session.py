@@ -21,6 +21,7 @@ from pathlib import Path
 from types import SimpleNamespace
 
 from loraforge.checkpoints import clean_incomplete, drop_damaged, latest_complete, write_manifest
+from loraforge.data.pairs import prepare_preference
 from loraforge.data.prepare import Prepared, prepare
 from loraforge.errors import UserError
 from loraforge.model.modeling import add_lora, base_placement, load_base_model
@@ -32,6 +33,7 @@ from loraforge.recipe import Recipe, dump_recipe
 from loraforge.redact import redact
 from loraforge.run.batching import RowCollator
 from loraforge.run.launched import check_launched, launch_record
+from loraforge.run import preference
 from loraforge.run.memguard import preflight
 from loraforge.run.runlock import hold
 from loraforge.run.saving import check_saved_adapter, save_adapter
@@ -80,6 +82,7 @@ class RunResult:
     startup_s: float | None = None  # command -> end of the first optimizer step
     startup_stages: dict = field(default_factory=dict)  # seconds from the command to the end of each stage
     samples: list[dict] = field(default_factory=list)
+    preference: dict | None = None  # training.method dpo/orpo: before/after scores (run/preference.py)
 
     def summary(self) -> dict:
         out = {k: v for k, v in asdict(self).items() if k not in ("run_dir", "trained", "samples")}
@@ -168,7 +171,8 @@ def training_libraries() -> SimpleNamespace:
 def data_and_plan(recipe: Recipe, hw, clock: Clock) -> Prepared:
     """The data read, validated and tokenized, and the plan; a plan the memory model says cannot fit stops here."""
     stage("reading and tokenizing the data, planning")
-    prep = prepare(recipe, hw)
+    # SFT: conversations; DPO / ORPO: preference pairs (data/pairs.py), the start adapter checked
+    prep = prepare(recipe, hw) if recipe.training.method == "sft" else prepare_preference(recipe, hw)
     clock.mark("data_and_plan")
     if prep.plan.fits is False:
         raise UserError(unfit_message(prep.plan.to_dict()))
@@ -179,7 +183,8 @@ def training_arguments(recipe: Recipe, prep: Prepared, run_dir: Path, libs):
     """The SFTConfig, before the model: it sets this rank's device and (ZeRO-3) switches loading to zero.Init."""
     from transformers import set_seed
 
-    args = sft_config(recipe, prep.plan, run_dir, libs.tracking.report_to(recipe))
+    make_args = sft_config if recipe.training.method == "sft" else preference.training_args  # DPOConfig
+    args = make_args(recipe, prep.plan, run_dir, libs.tracking.report_to(recipe))
     _ = args.device  # builds accelerate's PartialState now: torch.cuda.set_device(local_rank) on GPUs
     set_seed(recipe.training.seed)  # LoRA's A matrices are random: the same recipe must start from the same weights
     return args
@@ -196,8 +201,12 @@ def model_with_lora(recipe: Recipe, prep: Prepared, hw, run_dir: Path, libs, clo
     )
     memory = libs.memreport.DeviceMemoryReport(plan, run_dir, hw.rank)
     memory.after_load(model)
-    model, trainable, total = add_lora(model, recipe.lora, recipe.quantization.mode, plan.gradient_checkpointing,
-                                      zero3=plan.strategy == "zero3")
+    zero3 = plan.strategy == "zero3"
+    if recipe.training.method == "sft":
+        model, trainable, total = add_lora(model, recipe.lora, recipe.quantization.mode, plan.gradient_checkpointing,
+                                          zero3=zero3)
+    else:  # a fresh LoRA, or the SFT run's adapter (model.adapter_from) loaded trainable
+        model, trainable, total = preference.add_adapter(model, recipe, plan.gradient_checkpointing, zero3=zero3)
     clock.mark("model")
     if hw.rank == 0:
         log.info("LoRA: %s trainable of %s parameters (%.2f%%)", f"{trainable:,}", f"{total:,}", 100 * trainable / total)
@@ -218,7 +227,8 @@ def write_run_files(recipe: Recipe, run_dir: Path, prep: Prepared, hw, libs, mem
 
 
 def build_trainer(recipe: Recipe, prep: Prepared, model, args, run_dir: Path, hw, libs):
-    """loraforge's SFTTrainer (trainer.py) with the run's callbacks; incomplete or damaged checkpoints cleared first."""
+    """loraforge's SFTTrainer (run/trainer.py), or its DPO/ORPO trainer (run/preference.py), with the run's
+    callbacks; incomplete or damaged checkpoints cleared first."""
     plan, tokenizer = prep.plan, prep.tokenizer
     ckpt_dir = run_dir / CHECKPOINTS_DIR
     if hw.rank == 0:
@@ -226,9 +236,18 @@ def build_trainer(recipe: Recipe, prep: Prepared, model, args, run_dir: Path, hw
             log.info("removed incomplete checkpoint %s", leftover)
         drop_damaged(ckpt_dir)  # verified against the marker's checksums; a damaged one is moved aside
     stage("building the trainer (trl, peft; memory check)")
-    attn = getattr(model.config, "_attn_implementation", None) or ""
     cb = libs.callbacks
-    return libs.trainer.make_trainer_class()(
+    callbacks = [
+        cb.MetricsFile(run_dir / METRICS_FILE),
+        cb.NonFiniteGuard(recipe.training.on_nonfinite, recipe.training.max_skipped_steps, ckpt_dir),
+        libs.tracking.TrackedConfig(recipe.tracking.backends, {
+            "recipe": recipe.to_dict(), "plan": plan.to_dict(), "hardware": hw.to_dict(), "versions": library_versions(),
+        }),
+    ]
+    if recipe.training.method != "sft":
+        return preference.make_trainer(recipe, model, args, tokenizer, prep.train_ds, prep.eval_ds, callbacks)
+    attn = getattr(model.config, "_attn_implementation", None) or ""
+    return libs.trainer.LoraTrainer(
         model=model,
         args=args,
         data_collator=RowCollator(tokenizer.pad_token_id, plan.max_seq_length, flatten="flash" in attn),
@@ -237,14 +256,7 @@ def build_trainer(recipe: Recipe, prep: Prepared, model, args, run_dir: Path, hw
         train_dataset=prep.train_ds,
         eval_dataset=prep.eval_ds,
         processing_class=tokenizer,
-        callbacks=[
-            cb.MetricsFile(run_dir / METRICS_FILE),
-            cb.NonFiniteGuard(recipe.training.on_nonfinite, recipe.training.max_skipped_steps, ckpt_dir),
-            libs.tracking.TrackedConfig(recipe.tracking.backends, {
-                "recipe": recipe.to_dict(), "plan": plan.to_dict(), "hardware": hw.to_dict(),
-                "versions": library_versions(),
-            }),
-        ],
+        callbacks=callbacks,
     )
 
 
@@ -315,7 +327,7 @@ def measure(recipe: Recipe, prep: Prepared, hw, trainer, out, memory, counts, st
         tokens_seen=tokens, tokens_per_second=tps, peak_memory_gib=peak, memory_measured=measured,
         predicted_peak_gib=prep.plan.to_dict().get("predicted_peak_gib"), mfu=mfu,
         flops_per_token=per_token, peak_flops=peak_flops, peak_source=source, startup_s=startup.startup_s,
-        startup_stages=clock.stages,
+        startup_stages=clock.stages, preference=getattr(trainer, "lf_report", None),
     )
 
 

@@ -17,6 +17,7 @@ from pathlib import Path
 
 from loraforge.checkpoints import verify_dir
 from loraforge.data import dataset as data_mod
+from loraforge.data.pairs import chosen_examples
 from loraforge.errors import UserError
 from loraforge.recipe import DataSource
 from loraforge.rundir import EVAL_FILE, PLAN_FILE, write_json
@@ -43,14 +44,16 @@ class EvalReport:
 
 def held_out_examples(recipe, data: str | Path | None) -> tuple[list[dict], str]:
     """(normalised examples, description): `data` if given, else the run's eval split + eval sources."""
+    # DPO / ORPO runs: the loss of the chosen answers (data/pairs.py)
+    load = data_mod.load_examples if recipe.training.method == "sft" else chosen_examples
     if data is not None:
         path = Path(data).expanduser().resolve()
-        return data_mod.load_examples([DataSource(path=str(path))], recipe), str(path)
-    examples = data_mod.load_examples(recipe.data.sources, recipe)
+        return load([DataSource(path=str(path))], recipe), str(path)
+    examples = load(recipe.data.sources, recipe)
     _, held = data_mod.split_eval(examples, recipe.data.eval_split, recipe.training.seed)
     parts = [f"{len(held)} held out by data.eval_split={recipe.data.eval_split} (seed {recipe.training.seed})"] if held else []
     if recipe.data.eval_sources:
-        extra = data_mod.load_examples(recipe.data.eval_sources, recipe)
+        extra = load(recipe.data.eval_sources, recipe)
         held = held + extra
         parts.append(f"{len(extra)} from data.eval_sources")
     if not held:
