@@ -28,22 +28,16 @@ PAUSING = textwrap.dedent(
     from loraforge.run import trainer
 
     go = Path(sys.argv[1])
-    base_factory = trainer.make_trainer_class
 
-    def factory():
-        base = base_factory()
+    class Paused(trainer.LoraTrainer):
+        def training_step(self, *args, **kwargs):
+            if self.state.global_step == 1:
+                (go.parent / "paused").touch()
+                while not go.exists():
+                    time.sleep(0.1)
+            return super().training_step(*args, **kwargs)
 
-        class Paused(base):
-            def training_step(self, *args, **kwargs):
-                if self.state.global_step == 1:
-                    (go.parent / "paused").touch()
-                    while not go.exists():
-                        time.sleep(0.1)
-                return super().training_step(*args, **kwargs)
-
-        return Paused
-
-    trainer.make_trainer_class = factory
+    trainer.LoraTrainer = Paused
     from loraforge.train import main
     sys.exit(main(sys.argv[2:]))
     """

@@ -22,31 +22,25 @@ from loraforge.recipe import load_recipe
 DRIVER = textwrap.dedent(
     """
     import os, signal, sys
-    from loraforge.run import trainer as checkpoints
+    from loraforge.run import trainer
 
     point, at = sys.argv[1], int(sys.argv[2])
-    base_factory = checkpoints.make_trainer_class
 
-    def factory():
-        base = base_factory()
+    class Killed(trainer.LoraTrainer):
+        def training_step(self, *args, **kwargs):
+            if point == "between-steps" and self.state.global_step == at:
+                os.kill(os.getpid(), signal.SIGKILL)
+            out = super().training_step(*args, **kwargs)  # forward + backward done, no optimizer step yet
+            if point == "mid-step" and self.state.global_step == at:
+                os.kill(os.getpid(), signal.SIGKILL)
+            return out
 
-        class Killed(base):
-            def training_step(self, *args, **kwargs):
-                if point == "between-steps" and self.state.global_step == at:
-                    os.kill(os.getpid(), signal.SIGKILL)
-                out = super().training_step(*args, **kwargs)  # forward + backward done, no optimizer step yet
-                if point == "mid-step" and self.state.global_step == at:
-                    os.kill(os.getpid(), signal.SIGKILL)
-                return out
+        def _save_optimizer_and_scheduler(self, output_dir):
+            if point == "mid-checkpoint" and self.state.global_step == at:
+                os.kill(os.getpid(), signal.SIGKILL)  # adapter written, optimizer not yet
+            return super()._save_optimizer_and_scheduler(output_dir)
 
-            def _save_optimizer_and_scheduler(self, output_dir):
-                if point == "mid-checkpoint" and self.state.global_step == at:
-                    os.kill(os.getpid(), signal.SIGKILL)  # adapter written, optimizer not yet
-                return super()._save_optimizer_and_scheduler(output_dir)
-
-        return Killed
-
-    checkpoints.make_trainer_class = factory
+    trainer.LoraTrainer = Killed
     from loraforge.train import main
     sys.exit(main(sys.argv[3:]))
     """
@@ -134,23 +128,11 @@ def test_disk_full_keeps_previous_checkpoint(make_recipe, monkeypatch):
 
 
 def _nan_at(monkeypatch, step: int):
-    from loraforge.run import trainer as checkpoints
+    from harness.nan_trainer import nan_at
 
-    factory = checkpoints.make_trainer_class
+    from loraforge.run import trainer
 
-    def poisoned():
-        base = factory()
-
-        class Poisoned(base):
-            def compute_loss(self, *args, **kwargs):
-                loss = super().compute_loss(*args, **kwargs)
-                if self.state.global_step + 1 == step:
-                    loss = loss * float("nan")
-                return loss
-
-        return Poisoned
-
-    monkeypatch.setattr(checkpoints, "make_trainer_class", poisoned)
+    monkeypatch.setattr(trainer, "LoraTrainer", nan_at(step))
 
 
 def test_nan_loss_stops_and_keeps_last_good_checkpoint(make_recipe, monkeypatch):

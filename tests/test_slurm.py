@@ -33,15 +33,11 @@ SLOW_STEPS = """import os
 if os.environ.get("LORAFORGE_TEST_STEP_SLEEP"):
     import time
     from loraforge.run import trainer as _t
-    _base = _t.make_trainer_class
-    def _factory():
-        base = _base()
-        class Slow(base):
-            def training_step(self, *a, **k):
-                time.sleep(float(os.environ["LORAFORGE_TEST_STEP_SLEEP"]))
-                return super().training_step(*a, **k)
-        return Slow
-    _t.make_trainer_class = _factory
+    class Slow(_t.LoraTrainer):
+        def training_step(self, *a, **k):
+            time.sleep(float(os.environ["LORAFORGE_TEST_STEP_SLEEP"]))
+            return super().training_step(*a, **k)
+    _t.LoraTrainer = Slow
 """
 
 

@@ -217,7 +217,7 @@ def write_run_files(recipe: Recipe, run_dir: Path, prep: Prepared, hw, libs, mem
 
 
 def build_trainer(recipe: Recipe, prep: Prepared, model, args, run_dir: Path, hw, libs):
-    """loraforge's SFTTrainer (trainer.py) with the run's callbacks; incomplete or damaged checkpoints cleared first."""
+    """trainer.LoraTrainer (trl's SFTTrainer + loraforge's) with the run's callbacks; incomplete or damaged checkpoints cleared first."""
     plan, tokenizer = prep.plan, prep.tokenizer
     ckpt_dir = run_dir / CHECKPOINTS_DIR
     if hw.rank == 0:
@@ -227,7 +227,7 @@ def build_trainer(recipe: Recipe, prep: Prepared, model, args, run_dir: Path, hw
     stage("building the trainer (trl, peft; memory check)")
     attn = getattr(model.config, "_attn_implementation", None) or ""
     cb = libs.callbacks
-    return libs.trainer.make_trainer_class()(
+    return libs.trainer.LoraTrainer(
         model=model,
         args=args,
         data_collator=RowCollator(tokenizer.pad_token_id, plan.max_seq_length, flatten="flash" in attn),
