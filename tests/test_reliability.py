@@ -25,19 +25,26 @@ PAUSING = textwrap.dedent(
     """
     import os, sys, time
     from pathlib import Path
-    from loraforge.run import trainer
+    from loraforge.run import session
 
     go = Path(sys.argv[1])
+    libraries = session.training_libraries
 
-    class Paused(trainer.LoraTrainer):
-        def training_step(self, *args, **kwargs):
-            if self.state.global_step == 1:
-                (go.parent / "paused").touch()
-                while not go.exists():
-                    time.sleep(0.1)
-            return super().training_step(*args, **kwargs)
+    def training_libraries():  # the trainer (heavy: trl) loads where loraforge loads it
+        libs = libraries()
 
-    trainer.LoraTrainer = Paused
+        class Paused(libs.trainer.LoraTrainer):
+            def training_step(self, *args, **kwargs):
+                if self.state.global_step == 1:
+                    (go.parent / "paused").touch()
+                    while not go.exists():
+                        time.sleep(0.1)
+                return super().training_step(*args, **kwargs)
+
+        libs.trainer.LoraTrainer = Paused
+        return libs
+
+    session.training_libraries = training_libraries
     from loraforge.train import main
     sys.exit(main(sys.argv[2:]))
     """

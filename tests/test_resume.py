@@ -22,25 +22,32 @@ from loraforge.recipe import load_recipe
 DRIVER = textwrap.dedent(
     """
     import os, signal, sys
-    from loraforge.run import trainer
+    from loraforge.run import session
 
     point, at = sys.argv[1], int(sys.argv[2])
+    libraries = session.training_libraries
 
-    class Killed(trainer.LoraTrainer):
-        def training_step(self, *args, **kwargs):
-            if point == "between-steps" and self.state.global_step == at:
-                os.kill(os.getpid(), signal.SIGKILL)
-            out = super().training_step(*args, **kwargs)  # forward + backward done, no optimizer step yet
-            if point == "mid-step" and self.state.global_step == at:
-                os.kill(os.getpid(), signal.SIGKILL)
-            return out
+    def training_libraries():  # the trainer (heavy: trl) loads where loraforge loads it
+        libs = libraries()
 
-        def _save_optimizer_and_scheduler(self, output_dir):
-            if point == "mid-checkpoint" and self.state.global_step == at:
-                os.kill(os.getpid(), signal.SIGKILL)  # adapter written, optimizer not yet
-            return super()._save_optimizer_and_scheduler(output_dir)
+        class Killed(libs.trainer.LoraTrainer):
+            def training_step(self, *args, **kwargs):
+                if point == "between-steps" and self.state.global_step == at:
+                    os.kill(os.getpid(), signal.SIGKILL)
+                out = super().training_step(*args, **kwargs)  # forward + backward done, no optimizer step yet
+                if point == "mid-step" and self.state.global_step == at:
+                    os.kill(os.getpid(), signal.SIGKILL)
+                return out
 
-    trainer.LoraTrainer = Killed
+            def _save_optimizer_and_scheduler(self, output_dir):
+                if point == "mid-checkpoint" and self.state.global_step == at:
+                    os.kill(os.getpid(), signal.SIGKILL)  # adapter written, optimizer not yet
+                return super()._save_optimizer_and_scheduler(output_dir)
+
+        libs.trainer.LoraTrainer = Killed
+        return libs
+
+    session.training_libraries = training_libraries
     from loraforge.train import main
     sys.exit(main(sys.argv[3:]))
     """

@@ -29,8 +29,15 @@ if os.environ.get("LORAFORGE_TEST_CPU_FSDP") == "1":
     _state.AcceleratorState.__init__ = _init
 
 if os.environ.get("LORAFORGE_TEST_NAN_AT_STEP"):
-    from nan_trainer import nan_at  # this folder
+    from loraforge.run import session as _session
 
-    from loraforge.run import trainer as _trainer
+    _libraries = _session.training_libraries
 
-    _trainer.LoraTrainer = nan_at(int(os.environ["LORAFORGE_TEST_NAN_AT_STEP"]))
+    def _nan_libraries():  # the trainer (heavy: trl) loads where loraforge loads it, not in every process
+        libs = _libraries()
+        from nan_trainer import nan_at  # this folder
+
+        libs.trainer.LoraTrainer = nan_at(int(os.environ["LORAFORGE_TEST_NAN_AT_STEP"]))
+        return libs
+
+    _session.training_libraries = _nan_libraries
