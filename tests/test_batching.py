@@ -67,7 +67,7 @@ def _reference_and_rows(tiny_model_dir, impl):
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
-    from loraforge.run.trainer import add_plain_lm_head
+    from loraforge.model.lmhead import add_plain_lm_head
 
     def fresh():
         torch.manual_seed(0)
@@ -110,7 +110,7 @@ def test_plain_head_equals_trls_fused_head(tiny_model_dir):
     from transformers import AutoModelForCausalLM
     from trl.trainer.utils import add_fused_lm_head
 
-    from loraforge.run.trainer import add_plain_lm_head
+    from loraforge.model.lmhead import add_plain_lm_head
 
     m = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
     add_fused_lm_head(m, outputs=("log_probs", "is_top1"))

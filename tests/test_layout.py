@@ -2,7 +2,7 @@
 
     ground   loraforge.{errors, recipe, resources, redact, rundir, checkpoints, versions}
     plan/    strategy, hardware + profiles, arch, memory, flops, planner, gpu_pin   (pure; no torch for `plan`)
-    model/   quant, modeling, trace
+    model/   quant, modeling, trace, lmhead
     data/    dataset, tokencache, prepare
     use/     infer, samples, evaluate, export, card, report
     run/     session (the stages), sftconfig, trainer, batching, callbacks, memguard, memreport, saving, ...

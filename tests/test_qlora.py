@@ -165,20 +165,13 @@ def test_bitsandbytes_optimizers_train_on_the_cpu(optimizer, tmp_path, tiny_mode
     seen = {}
     from loraforge.run import trainer as trainer_mod
 
-    make = trainer_mod.make_trainer_class
+    class Spy(trainer_mod.LoraTrainer):
+        def create_optimizer(self, *a, **k):
+            opt = super().create_optimizer(*a, **k)
+            seen["optimizer"] = (type(opt).__module__.split(".")[0], opt.args.optim_bits, opt.is_paged)
+            return opt
 
-    def spy():
-        cls = make()
-
-        class Spy(cls):
-            def create_optimizer(self, *a, **k):
-                opt = super().create_optimizer(*a, **k)
-                seen["optimizer"] = (type(opt).__module__.split(".")[0], opt.args.optim_bits, opt.is_paged)
-                return opt
-
-        return Spy
-
-    monkeypatch.setattr(trainer_mod, "make_trainer_class", spy)
+    monkeypatch.setattr(trainer_mod, "LoraTrainer", Spy)
     result, _ = train_capturing(recipe, monkeypatch)
     expected = {"adamw_8bit": 8, "paged_adamw_8bit": 8, "paged_adamw_32bit": 32}
     assert seen["optimizer"] == ("bitsandbytes", expected[optimizer], optimizer.startswith("paged"))
@@ -287,24 +280,17 @@ def test_qlora_resume_equals_the_uninterrupted_run(tmp_path, tiny_model_dir, mon
     class Crash(Exception):
         pass
 
-    make = trainer_mod.make_trainer_class
-
-    def crashing():
-        cls = make()
-
-        class Crashing(cls):
-            def training_step(self, *a, **k):
-                if self.state.global_step == 5:
-                    raise Crash
-                return super().training_step(*a, **k)
-
-        return Crashing
+    class Crashing(trainer_mod.LoraTrainer):
+        def training_step(self, *a, **k):
+            if self.state.global_step == 5:
+                raise Crash
+            return super().training_step(*a, **k)
 
     stopped = recipe("stopped")
-    monkeypatch.setattr(trainer_mod, "make_trainer_class", crashing)
+    monkeypatch.setattr(trainer_mod, "LoraTrainer", Crashing)
     with pytest.raises(Crash):
         run(stopped, quiet=True)
-    monkeypatch.setattr(trainer_mod, "make_trainer_class", make)
+    monkeypatch.setattr(trainer_mod, "LoraTrainer", Crashing.__base__)
     assert (stopped.resolve_path(stopped.output_dir) / "checkpoints" / "checkpoint-4").is_dir()
     again = run(stopped, quiet=True)
     assert again.steps == 8

@@ -25,15 +25,15 @@ PAUSING = textwrap.dedent(
     """
     import os, sys, time
     from pathlib import Path
-    from loraforge.run import trainer
+    from loraforge.run import session
 
     go = Path(sys.argv[1])
-    base_factory = trainer.make_trainer_class
+    libraries = session.training_libraries
 
-    def factory():
-        base = base_factory()
+    def training_libraries():  # the trainer (heavy: trl) loads where loraforge loads it
+        libs = libraries()
 
-        class Paused(base):
+        class Paused(libs.trainer.LoraTrainer):
             def training_step(self, *args, **kwargs):
                 if self.state.global_step == 1:
                     (go.parent / "paused").touch()
@@ -41,9 +41,10 @@ PAUSING = textwrap.dedent(
                         time.sleep(0.1)
                 return super().training_step(*args, **kwargs)
 
-        return Paused
+        libs.trainer.LoraTrainer = Paused
+        return libs
 
-    trainer.make_trainer_class = factory
+    session.training_libraries = training_libraries
     from loraforge.train import main
     sys.exit(main(sys.argv[2:]))
     """

@@ -22,15 +22,15 @@ from loraforge.recipe import load_recipe
 DRIVER = textwrap.dedent(
     """
     import os, signal, sys
-    from loraforge.run import trainer as checkpoints
+    from loraforge.run import session
 
     point, at = sys.argv[1], int(sys.argv[2])
-    base_factory = checkpoints.make_trainer_class
+    libraries = session.training_libraries
 
-    def factory():
-        base = base_factory()
+    def training_libraries():  # the trainer (heavy: trl) loads where loraforge loads it
+        libs = libraries()
 
-        class Killed(base):
+        class Killed(libs.trainer.LoraTrainer):
             def training_step(self, *args, **kwargs):
                 if point == "between-steps" and self.state.global_step == at:
                     os.kill(os.getpid(), signal.SIGKILL)
@@ -44,9 +44,10 @@ DRIVER = textwrap.dedent(
                     os.kill(os.getpid(), signal.SIGKILL)  # adapter written, optimizer not yet
                 return super()._save_optimizer_and_scheduler(output_dir)
 
-        return Killed
+        libs.trainer.LoraTrainer = Killed
+        return libs
 
-    checkpoints.make_trainer_class = factory
+    session.training_libraries = training_libraries
     from loraforge.train import main
     sys.exit(main(sys.argv[3:]))
     """
@@ -134,23 +135,11 @@ def test_disk_full_keeps_previous_checkpoint(make_recipe, monkeypatch):
 
 
 def _nan_at(monkeypatch, step: int):
-    from loraforge.run import trainer as checkpoints
+    from harness.nan_trainer import nan_at
 
-    factory = checkpoints.make_trainer_class
+    from loraforge.run import trainer
 
-    def poisoned():
-        base = factory()
-
-        class Poisoned(base):
-            def compute_loss(self, *args, **kwargs):
-                loss = super().compute_loss(*args, **kwargs)
-                if self.state.global_step + 1 == step:
-                    loss = loss * float("nan")
-                return loss
-
-        return Poisoned
-
-    monkeypatch.setattr(checkpoints, "make_trainer_class", poisoned)
+    monkeypatch.setattr(trainer, "LoraTrainer", nan_at(step))
 
 
 def test_nan_loss_stops_and_keeps_last_good_checkpoint(make_recipe, monkeypatch):

@@ -32,16 +32,17 @@ with open(os.path.join(out, "node-%s.json" % os.environ["SLURM_NODEID"]), "w") a
 SLOW_STEPS = """import os
 if os.environ.get("LORAFORGE_TEST_STEP_SLEEP"):
     import time
-    from loraforge.run import trainer as _t
-    _base = _t.make_trainer_class
-    def _factory():
-        base = _base()
-        class Slow(base):
+    from loraforge.run import session as _s
+    _libraries = _s.training_libraries
+    def _training_libraries():  # the trainer (heavy: trl) loads where loraforge loads it
+        libs = _libraries()
+        class Slow(libs.trainer.LoraTrainer):
             def training_step(self, *a, **k):
                 time.sleep(float(os.environ["LORAFORGE_TEST_STEP_SLEEP"]))
                 return super().training_step(*a, **k)
-        return Slow
-    _t.make_trainer_class = _factory
+        libs.trainer.LoraTrainer = Slow
+        return libs
+    _s.training_libraries = _training_libraries
 """
 
 

@@ -9,7 +9,8 @@ Switches (environment variables), each only what the test names:
   (Trainer's FSDP branches, `fsdp2_prepare_model`, `fully_shard` on a CPU mesh, saving, resume) is the
   library code a GPU run executes. What differs from a GPU: the device (cpu) and the backend (gloo).
 - LORAFORGE_TEST_NAN_AT_STEP=N: the loss of optimizer step N (1-based) is multiplied by NaN on every rank, in
-  the Trainer's `training_step`, so the gradients of that step are NaN (what a diverging run produces).
+  the trainer's `compute_loss` (training only), so the gradients of that step are NaN (what a diverging run
+  produces): nan_trainer.py, the one NaN trainer the in-process tests use too.
 """
 
 import os
@@ -28,21 +29,15 @@ if os.environ.get("LORAFORGE_TEST_CPU_FSDP") == "1":
     _state.AcceleratorState.__init__ = _init
 
 if os.environ.get("LORAFORGE_TEST_NAN_AT_STEP"):
-    _nan_step = int(os.environ["LORAFORGE_TEST_NAN_AT_STEP"])
-    from loraforge.run import trainer as _trainer
+    from loraforge.run import session as _session
 
-    _factory = _trainer.make_trainer_class
+    _libraries = _session.training_libraries
 
-    def _poisoned():
-        base = _factory()
+    def _nan_libraries():  # the trainer (heavy: trl) loads where loraforge loads it, not in every process
+        libs = _libraries()
+        from nan_trainer import nan_at  # this folder
 
-        class Poisoned(base):
-            def compute_loss(self, *args, **kwargs):
-                loss = super().compute_loss(*args, **kwargs)
-                if self.model.training and self.state.global_step + 1 == _nan_step:
-                    loss = (loss[0] * float("nan"),) + tuple(loss[1:]) if isinstance(loss, tuple) else loss * float("nan")
-                return loss
+        libs.trainer.LoraTrainer = nan_at(int(os.environ["LORAFORGE_TEST_NAN_AT_STEP"]))
+        return libs
 
-        return Poisoned
-
-    _trainer.make_trainer_class = _poisoned
+    _session.training_libraries = _nan_libraries

@@ -10,6 +10,7 @@ from transformers import TrainerCallback
 
 from loraforge.checkpoints import latest_complete
 from loraforge.errors import UserError
+from loraforge.run.memguard import any_rank
 from loraforge.run.status import process_start_time as started
 
 
@@ -38,19 +39,6 @@ def _local(t):
     if hasattr(t, "ds_tensor"):
         return t.ds_tensor
     return t
-
-
-def all_ranks_true(flag: bool) -> bool:
-    """True only if `flag` holds on every rank (all-reduce MIN; no-op in one process)."""
-    import torch
-    import torch.distributed as dist
-
-    if not (dist.is_available() and dist.is_initialized()):
-        return flag
-    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
-    t = torch.tensor([1 if flag else 0], device=device)
-    dist.all_reduce(t, op=dist.ReduceOp.MIN)
-    return bool(t.item())
 
 
 def deepspeed_step_state(optimizer) -> bool | None:
@@ -119,7 +107,7 @@ class NonFiniteGuard(TrainerCallback):
                 logging.getLogger("loraforge").warning(
                     "step %d: non-finite gradients, DeepSpeed skipped the update (%d so far)", step, self.skipped)
                 return
-            if not all_ranks_true(_finite([_local(p) for p in params])):
+            if any_rank(not _finite([_local(p) for p in params])):
                 self.skipped += 1
                 self._stop(step, "the LoRA weights became NaN/inf (DeepSpeed applied the update: no gradient "
                                  "clipping, so no global norm was checked)")
@@ -128,7 +116,7 @@ class NonFiniteGuard(TrainerCallback):
         grads = [_local(p.grad) if p.grad is not None else None for p in params]
         finite = _finite(grads)
         if sharded:
-            finite = all_ranks_true(finite)  # FSDP2: each rank checked its shard only
+            finite = not any_rank(not finite)  # FSDP2: each rank checked its shard only: finite on every rank
         if finite:
             return
         self.skipped += 1

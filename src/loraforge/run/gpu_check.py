@@ -42,13 +42,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from loraforge.errors import UserError
+from loraforge.model.lmhead import add_plain_lm_head
 from loraforge.model.quant import adapter_dtype
 from loraforge.plan.flops import gpu_peak_flops, lora_step_flops_per_token
 from loraforge.plan.hardware import detect
 from loraforge.plan.memory import GIB, TrainSetup, shape_from_config
 from loraforge.plan.planner import choose_precision, peak_estimate, solve
 from loraforge.plan.profiles import hardware_for, load_profiles
-from loraforge.run.trainer import add_plain_lm_head
 
 SCHEMA = "loraforge.gpu_check/1"
 

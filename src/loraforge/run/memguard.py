@@ -46,7 +46,9 @@ def next_micro_batch(micro: int, share: int) -> int | None:
     return max(smaller) if smaller else None
 
 
-def _any_rank(flag: bool) -> bool:
+def any_rank(flag: bool) -> bool:
+    """True if `flag` holds on at least one rank (all-reduce MAX; no-op in one process). "On every rank" is
+    `not any_rank(not flag)` (callbacks.py); each rank must reach this call, whatever its own flag."""
     import torch
     import torch.distributed as dist
 
@@ -161,18 +163,36 @@ def preflight(trainer, plan, hw, pad_id: int | None, run_dir: Path | None = None
         return plan
     if plan.strategy not in ("single", "ddp"):
         return plan
+    _install_simulated_oom(trainer.model, hw.rank)
+    micro, attempts = _largest_micro_batch_that_fits(trainer, plan, hw, 0 if pad_id is None else pad_id)
+    if micro == plan.batch.micro_batch_size:
+        return plan
+    new_plan = _shrunk_plan(plan, micro)
+    _apply_to_trainer(trainer, new_plan)
+    if run_dir is not None and hw.rank == 0 and (run_dir / PLAN_FILE).is_file():
+        batch = new_plan.batch
+        update_json(run_dir / PLAN_FILE, new_plan.to_dict() | {"oom_guard": {
+            "attempts": attempts, "micro_batch_size": micro, "gradient_accumulation_steps": batch.gradient_accumulation_steps}})
+    return new_plan
+
+
+def _reserve_bytes(trainer, plan) -> int:
+    """What the real step holds beside the probe's forward + backward: optimizer state, DDP buckets."""
+    trainable = [p for p in trainer.model.parameters() if p.requires_grad]
+    optim = str(getattr(getattr(trainer.args, "optim", None), "value", None) or "adamw_torch")
+    return training_state_bytes(sum(p.numel() for p in trainable), trainable[0].element_size() if trainable else 4,
+                                optim, plan.batch.world_size, plan.strategy)
+
+
+def _largest_micro_batch_that_fits(trainer, plan, hw, pad_id: int) -> tuple[int, list[dict]]:
+    """Probe the plan's micro-batch on every rank, then smaller divisors of the share until no rank runs out of
+    memory. Returns (micro-batch, the attempts as plan.json records them)."""
     import torch
 
     vocab = int(getattr(trainer.model.config, "vocab_size", 0) or 32000)
-    _install_simulated_oom(trainer.model, hw.rank)
-    pad_id = 0 if pad_id is None else pad_id
-
     batch = plan.batch
-    world, micro = batch.world_size, batch.micro_batch_size
-    share = batch.micro_batch_size * batch.gradient_accumulation_steps
-    trainable = [p for p in trainer.model.parameters() if p.requires_grad]
-    reserve = training_state_bytes(sum(p.numel() for p in trainable), trainable[0].element_size() if trainable else 4,
-                                   str(getattr(getattr(trainer.args, "optim", None), "value", None) or "adamw_torch"), world, plan.strategy)
+    micro, share = batch.micro_batch_size, batch.micro_batch_size * batch.gradient_accumulation_steps
+    reserve = _reserve_bytes(trainer, plan)
     attempts = []
     while True:
         oom = False
@@ -184,10 +204,10 @@ def preflight(trainer, plan, hw, pad_id: int | None, run_dir: Path | None = None
             oom = True
             log.warning("rank %d: out of memory at micro-batch %d (%s)", hw.rank, micro, str(e).splitlines()[0][:120])
         _cleanup(trainer.model)
-        failed = _any_rank(oom)  # every rank reaches this all-reduce, OOM or not
+        failed = any_rank(oom)  # every rank reaches this all-reduce, OOM or not
         attempts.append({"micro_batch_size": micro, "out_of_memory": failed, "this_rank": oom})
         if not failed:
-            break
+            return micro, attempts
         smaller = next_micro_batch(micro, share)
         if smaller is None:
             raise UserError(
@@ -195,23 +215,27 @@ def preflight(trainer, plan, hw, pad_id: int | None, run_dir: Path | None = None
                 "data.max_seq_length, turn on training.gradient_checkpointing, use QLoRA or more GPUs (see `loraforge plan`)"
             )
         micro = smaller
-    if micro == batch.micro_batch_size:
-        return plan
+
+
+def _shrunk_plan(plan, micro: int):
+    """The plan at micro-batch `micro`, accumulation raised so that the global batch stays exact (logged)."""
+    batch = plan.batch
+    world, share = batch.world_size, batch.micro_batch_size * batch.gradient_accumulation_steps
     accum = share // micro
     note = (f"OOM guard: micro-batch {batch.micro_batch_size} ran out of memory on at least one rank; all ranks use "
             f"micro-batch {micro} x accumulation {accum} x {world} = global batch {micro * accum * world}")
     log.warning(note)
     new_batch = replace(batch, micro_batch_size=micro, gradient_accumulation_steps=accum)
     rows = None if plan.rows_per_forward is None else min(plan.rows_per_forward, micro)
-    new_plan = replace(plan, batch=new_batch, notes=plan.notes + (note,), rows_per_forward=rows)
+    return replace(plan, batch=new_batch, notes=plan.notes + (note,), rows_per_forward=rows)
+
+
+def _apply_to_trainer(trainer, plan) -> None:
+    """The trainer (already built) takes the new micro-batch, accumulation and rows per forward."""
     if getattr(trainer, "lf_rows_per_forward", None):
-        trainer.lf_rows_per_forward = rows
+        trainer.lf_rows_per_forward = plan.rows_per_forward
     args = trainer.args
-    args.per_device_train_batch_size = micro
-    args.per_device_eval_batch_size = micro
-    args.gradient_accumulation_steps = accum
+    args.per_device_train_batch_size = plan.batch.micro_batch_size
+    args.per_device_eval_batch_size = plan.batch.micro_batch_size
+    args.gradient_accumulation_steps = plan.batch.gradient_accumulation_steps
     trainer._train_batch_size = args.train_batch_size
-    if run_dir is not None and hw.rank == 0 and (run_dir / PLAN_FILE).is_file():
-        update_json(run_dir / PLAN_FILE, new_plan.to_dict() | {
-            "oom_guard": {"attempts": attempts, "micro_batch_size": micro, "gradient_accumulation_steps": accum}})
-    return new_plan

@@ -15,7 +15,7 @@ from collections import Counter
 from pathlib import Path
 
 from loraforge.errors import UserError
-from loraforge.run.memguard import _any_rank
+from loraforge.run.memguard import any_rank
 from loraforge.rundir import ADAPTER_FILE
 
 log = logging.getLogger("loraforge")
@@ -108,7 +108,7 @@ def check_saved_adapter(trainer, run_dir: Path) -> None:
     model = trainer.accelerator.unwrap_model(trainer.model)
     converted = getattr(trainer, "_lf_initial", None) is not None  # trainer.py: OLoRA/PiSSA saved converted
     problem = adapter_problem(run_dir, expected_shapes(model, converted))
-    failed = _any_rank(problem is not None)
+    failed = any_rank(problem is not None)
     if failed:
         raise UserError(
             f"the trained adapter was not saved completely: {problem or 'another rank found it incomplete'}; the run is "
