@@ -9,8 +9,8 @@ from types import SimpleNamespace
 
 import pytest
 import yaml
-
 from conftest import CHATS, chat_records, recipe_dict, write_jsonl
+
 from loraforge.errors import UserError
 from loraforge.recipe import load_recipe, recipe_from_dict
 
@@ -292,7 +292,6 @@ def test_two_processes_train_the_same_dpo_adapter_as_one(tmp_path_factory, tiny_
     """The topology proof of the SFT step (test_launch.py) for DPO: 1 process vs 2 CPU processes at the same
     global batch give the same adapter."""
     from safetensors.torch import load_file
-
     from test_launch import _loraforge
 
     tmp = tmp_path_factory.mktemp(f"dpo-{strategy}")

@@ -16,7 +16,7 @@ from loraforge.errors import UserError
 from loraforge.launch import preview as planview
 from loraforge.launch import slurm
 from loraforge.launch.accelerate import Topology, accelerate_args, render_command, run_accelerate
-from loraforge.launch.accelerate.preview import plan_launch
+from loraforge.launch.preview import plan_launch
 from loraforge.plan.hardware import detect
 from loraforge.recipe import dump_recipe, load_recipe
 from loraforge.resources import find_recipe, shipped_dir
@@ -54,6 +54,16 @@ def _load(recipe: str, overrides: list[str]):
     return load_recipe(find_recipe(recipe), overrides)
 
 
+def format_report(report: dict) -> str:
+    """A preference run's before -> after scores (preference.json), on one line."""
+    b, a = report["before"], report["after"]
+    text = (f"chosen preferred {100 * b['chosen_preferred']:.0f}% -> {100 * a['chosen_preferred']:.0f}%, "
+            f"log-prob margin {b['mean_logp_margin']:+.3f} -> {a['mean_logp_margin']:+.3f} per token")
+    if "reward_margin" in a:
+        text += f"; reward accuracy {100 * a['reward_accuracy']:.0f}%, margin {a['reward_margin']:+.3f}"
+    return text + f" ({report['pairs']} {report['scored_on']})"
+
+
 def _print_result(result) -> None:
     table = Table(title="loraforge run", show_header=False)
     table.add_row("run directory", str(result.run_dir))
@@ -84,7 +94,6 @@ def _print_result(result) -> None:
         table.add_row("trainable params", f"{result.trainable_params:,} of {result.total_params:,}")
     table.add_row("adapter", str(result.run_dir / "adapter_model.safetensors"))
     if getattr(result, "preference", None):  # DPO / ORPO: before -> after (preference.py)
-        from loraforge.run.preference import format_report
 
         table.add_row(f"preference ({result.preference['method']})", format_report(result.preference))
     if not result.trained:

@@ -15,7 +15,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from loraforge.errors import UserError
-from loraforge.preference_recipe import PreferenceSection
+from loraforge.preference_recipe import DPO_ONLY, PreferenceSection, check
 
 Auto = Literal["auto"]
 
@@ -202,8 +202,6 @@ class Recipe(_Strict):
             if out["model"].get("adapter_from") is None:
                 out["model"].pop("adapter_from", None)
         else:
-            from loraforge.preference_recipe import DPO_ONLY
-
             out["preference"] = out.get("preference") or PreferenceSection().model_dump(mode="json")
             if self.training.method == "orpo":
                 out["preference"] = {k: v for k, v in out["preference"].items() if k not in DPO_ONLY}
@@ -327,7 +325,6 @@ def recipe_from_dict(
     except ValidationError as e:
         errors = e.errors(include_url=False)
         raise UserError(_format_error(errors[0], where, lines or {}, set_keys or set())) from None
-    from loraforge.preference_recipe import check
 
     given = {k: (list(v) if isinstance(v, dict) else []) for k, v in data.items() if k in ("preference", "model")}
     broken = check(recipe, given)

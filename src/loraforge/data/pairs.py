@@ -23,7 +23,14 @@ from __future__ import annotations
 import logging
 from typing import Any
 
+from loraforge.checkpoints import verify_dir
+from loraforge.data import dataset as data_mod
+from loraforge.data.dataset import _render, _turns, iter_records
+from loraforge.data.prepare import Prepared
 from loraforge.errors import UserError
+from loraforge.model.modeling import base_model_dir, load_tokenizer
+from loraforge.plan.memory import model_shape
+from loraforge.plan.planner import CPU_EXECUTION_NOTE, make_plan
 
 log = logging.getLogger("loraforge")
 FIELDS = ("prompt", "chosen", "rejected")
@@ -42,8 +49,6 @@ def _text(value, origin: str, key: str) -> str:
 
 def _messages(value, origin: str, key: str) -> list[dict]:
     """A list of turns, one message object, or (answers only) a string, as normalised turns."""
-    from loraforge.data.dataset import _turns
-
     if isinstance(value, dict):
         value = [value]
     if isinstance(value, list) and value and isinstance(value[0], dict) and "from" in value[0]:
@@ -97,8 +102,6 @@ def normalise_pair(row: dict[str, Any], origin: str, system_prompt: str | None =
 def iter_pairs(sources, recipe):
     """Every source's records as (origin, prompt, chosen, rejected), streamed; a record that is not a preference
     pair stops with its line."""
-    from loraforge.data.dataset import iter_records
-
     for src in sources:
         if src.format not in ("auto", "preference"):
             raise UserError(f"data.sources[].format: {src.format} is not a preference format; training.method "
@@ -121,8 +124,6 @@ def chosen_examples(sources, recipe) -> list[dict]:
 def render_pair(tokenizer, prompt: list, chosen: list, rejected: list, template: str | None = None,
                 origin: str = "") -> dict[str, list[int]]:
     """Token ids of the prompt (with the generation prompt) and of each answer as the template continues it."""
-    from loraforge.data.dataset import _render
-
     p_text = _render(tokenizer, prompt, template, True)
     out = {"prompt_ids": tokenizer(p_text, add_special_tokens=False)["input_ids"]}
     for key, answer in (("chosen", chosen), ("rejected", rejected)):
@@ -170,7 +171,6 @@ def check_start_adapter(recipe) -> None:
         raise UserError(f"{where}: no adapter there ({run}); give the directory of a finished loraforge run")
     if not (run / "train_summary.json").is_file() and (run / "recipe.yaml").is_file():
         raise UserError(f"{where}: that run has not finished; finish it first (run the same command again)")
-    from loraforge.checkpoints import verify_dir
 
     verify_dir(run)
     if (run / "recipe.yaml").is_file():
@@ -189,32 +189,49 @@ def check_start_adapter(recipe) -> None:
 
 
 def prepare_preference(recipe, hw, check_adapter: bool = True):
-    """recipe + hardware -> tokenized preference pairs and the plan (train.Prepared). Read and validated first:
-    a bad record stops here, before any model loads."""
+    """recipe + hardware -> tokenized preference pairs and the plan (data.prepare.Prepared). Read and validated
+    first: a bad record stops here, before any model loads."""
     from datasets import Dataset
-    from transformers import AutoConfig
-
-    from loraforge.data import dataset as data_mod
-    from loraforge.plan.memory import model_shape
-    from loraforge.model.modeling import base_model_dir, load_tokenizer
-    from loraforge.data.prepare import Prepared
-    from loraforge.plan.planner import make_plan
 
     if check_adapter:
         check_start_adapter(recipe)
-    d = recipe.data
-    template = data_mod.resolve_chat_template(recipe)
-    pairs = list(iter_pairs(d.sources, recipe))
-    held = data_mod.eval_indices(len(pairs), d.eval_split, recipe.training.seed)
-    extra = list(iter_pairs(d.eval_sources, recipe)) if d.eval_sources else []
     model_dir = base_model_dir(recipe)
-    tokenizer = load_tokenizer(model_dir, recipe, template)
-    rows = [(i in held, render_pair(tokenizer, p, c, r, None, origin)) for i, (origin, p, c, r) in enumerate(pairs)]
-    rows += [(True, render_pair(tokenizer, p, c, r, None, origin)) for origin, p, c, r in extra]
+    tokenizer = load_tokenizer(model_dir, recipe, data_mod.resolve_chat_template(recipe))
+    rows = _rendered_pairs(recipe, tokenizer)
     train_rows = [row for is_eval, row in rows if not is_eval]
     if not train_rows:
         raise UserError("data.sources: no preference pairs left for training; lower data.eval_split")
     lengths = [len(r["prompt_ids"]) + max(len(r["chosen_ids"]), len(r["rejected_ids"])) for r in train_rows]
+    plan, shape = _plan(recipe, hw, model_dir, lengths)
+    max_prompt = max_prompt_tokens(recipe, plan.max_seq_length)
+    out, stats = _truncated(rows, plan.max_seq_length, max_prompt)
+    plan = _preference_plan(recipe, plan, max_prompt)
+
+    def to_ds(items):
+        return Dataset.from_dict({k: [r[k] for r in items] for k in ("prompt_ids", "chosen_ids", "rejected_ids")})
+
+    rule = {"max_seq_length": plan.max_seq_length, "max_prompt_length": max_prompt,
+            "prompt_keeps": "end", "answers_keep": "start"}
+    prep = Prepared(plan, tokenizer, to_ds(out["train"]), to_ds(out["eval"]) if out["eval"] else None, model_dir,
+                    lengths, (stats["answers_truncated"], 0.0), shape)
+    summary = stats | {"truncation": rule, "eval_pairs": len(out["eval"])}
+    prep.data_summary = lambda: Prepared.data_summary(prep) | {"preference": summary}  # plan.json "data"
+    return prep
+
+
+def _rendered_pairs(recipe, tokenizer) -> list[tuple[bool, dict]]:
+    """(held out?, the pair rendered through the chat template) for every pair of the sources and eval sources."""
+    d = recipe.data
+    pairs = list(iter_pairs(d.sources, recipe))
+    held = data_mod.eval_indices(len(pairs), d.eval_split, recipe.training.seed)
+    extra = list(iter_pairs(d.eval_sources, recipe)) if d.eval_sources else []
+    rows = [(i in held, render_pair(tokenizer, p, c, r, None, origin)) for i, (origin, p, c, r) in enumerate(pairs)]
+    return rows + [(True, render_pair(tokenizer, p, c, r, None, origin)) for origin, p, c, r in extra]
+
+
+def _plan(recipe, hw, model_dir: str, lengths: list[int]):
+    """The plan for these pairs' lengths (as for SFT), and the model's shape."""
+    from transformers import AutoConfig
 
     config = AutoConfig.from_pretrained(model_dir, trust_remote_code=recipe.model.trust_remote_code,
                                         revision=recipe.model.revision)
@@ -224,11 +241,16 @@ def prepare_preference(recipe, hw, check_adapter: bool = True):
     if model_max and plan.max_seq_length > model_max:
         raise UserError(f"data.max_seq_length: {plan.max_seq_length} is beyond the model's context of {model_max} "
                         f"tokens; set it to {model_max} or less (or auto)")
-    max_prompt = max_prompt_tokens(recipe, plan.max_seq_length)
+    return plan, shape
+
+
+def _truncated(rows, max_len: int, max_prompt: int) -> tuple[dict, dict]:
+    """Every pair cut to `max_len` (prompt keeps its end, answers their start); pairs whose answers became
+    identical dropped. Returns ({train, eval} rows, counts over the training pairs)."""
     stats = {"pairs": 0, "prompts_truncated": 0, "answers_truncated": 0, "dropped_identical_after_truncation": 0}
     out = {"train": [], "eval": []}
     for is_eval, row in rows:
-        cut, p_cut, a_cut = truncate_pair(row, plan.max_seq_length, max_prompt)
+        cut, p_cut, a_cut = truncate_pair(row, max_len, max_prompt)
         if not is_eval:
             stats["pairs"] += 1
             stats["prompts_truncated"] += p_cut
@@ -238,33 +260,23 @@ def prepare_preference(recipe, hw, check_adapter: bool = True):
             out["eval" if is_eval else "train"].append(cut)
     if stats["prompts_truncated"] or stats["answers_truncated"]:
         log.warning("preference pairs longer than max_seq_length %d: %d prompts cut to their last %d tokens, %d "
-                    "pairs' answers cut; %d pairs dropped (answers identical after the cut)", plan.max_seq_length,
+                    "pairs' answers cut; %d pairs dropped (answers identical after the cut)", max_len,
                     stats["prompts_truncated"], max_prompt, stats["answers_truncated"],
                     stats["dropped_identical_after_truncation"])
     if not out["train"]:
-        raise UserError(f"data.sources: every pair's answers are identical within max_seq_length {plan.max_seq_length}; "
+        raise UserError(f"data.sources: every pair's answers are identical within max_seq_length {max_len}; "
                         "raise data.max_seq_length or lower preference.max_prompt_length")
+    return out, stats
+
+
+def _preference_plan(recipe, plan, max_prompt: int):
+    """The plan as the preference step runs it: trl's DPOTrainer runs a micro-batch's pairs padded in one forward
+    through its fused LM head (the SFT row packing and plain head do not apply); the truncation rule noted."""
     from dataclasses import replace
 
     note = (f"{recipe.training.method}: each pair is two sequences (prompt + chosen, prompt + rejected) in one forward"
             + (" plus a reference forward without gradients" if recipe.training.method == "dpo" else "")
             + f"; truncation: the prompt keeps its last {max_prompt} tokens, the answers their first tokens up to "
             f"{plan.max_seq_length} in all")
-    from loraforge.plan.planner import CPU_EXECUTION_NOTE
-
-    # trl's DPOTrainer runs a micro-batch's pairs padded in one forward through its fused LM head: the SFT row
-    # packing (batching.py) and plain head do not apply
     notes = tuple(n for n in plan.notes if n != CPU_EXECUTION_NOTE) + (note,)
-    plan = replace(plan, notes=notes, rows_per_forward=None, loss_head="fused")
-    rule = {"max_seq_length": plan.max_seq_length, "max_prompt_length": max_prompt,
-            "prompt_keeps": "end", "answers_keep": "start"}
-
-    def to_ds(items):
-        return Dataset.from_dict({k: [r[k] for r in items] for k in ("prompt_ids", "chosen_ids", "rejected_ids")})
-
-    train_ds = to_ds(out["train"])
-    eval_ds = to_ds(out["eval"]) if out["eval"] else None
-    prep = Prepared(plan, tokenizer, train_ds, eval_ds, model_dir, lengths, (stats["answers_truncated"], 0.0), shape)
-    summary = stats | {"truncation": rule, "eval_pairs": len(out["eval"])}
-    prep.data_summary = lambda: Prepared.data_summary(prep) | {"preference": summary}  # plan.json "data"
-    return prep
+    return replace(plan, notes=notes, rows_per_forward=None, loss_head="fused")

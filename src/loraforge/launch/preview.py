@@ -10,7 +10,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from loraforge.data.dataset.prepare import prepare
+from loraforge.data.pairs import prepare_preference
+from loraforge.data.prepare import prepare
 from loraforge.errors import UserError
 from loraforge.model.trace import trace_step
 from loraforge.plan.hardware import detect

@@ -30,7 +30,24 @@ import shutil
 import time
 from pathlib import Path
 
+import torch
+from trl import DPOTrainer
+from trl.trainer.dpo_trainer import DataCollatorForPreference
+
+from loraforge.checkpoints import STAGING, checkpoint_estimate, ensure_free_space, latest_complete, rotate, write_marker
 from loraforge.errors import UserError
+from loraforge.model.modeling import add_lora
+from loraforge.model.quant import (
+    MUTATING_INITS,
+    adapter_dtype,
+    is_quantized,
+    keep_adapter_dtype,
+    optimizer_fallback,
+    training_ready,
+)
+from loraforge.run.sftconfig import device_kwargs
+from loraforge.run.trainer import peak_memory_gib
+from loraforge.use.infer import answer
 
 log = logging.getLogger("loraforge")
 REPORT_FILE = "preference.json"
@@ -41,8 +58,6 @@ def training_args(recipe, plan, run_dir: Path, report_to):
     """The DPOConfig for this plan: the same general arguments as train.sft_config (keep them in step), the
     preference keys, and no trl data preparation (pref_data.py tokenized and truncated the pairs)."""
     from trl import DPOConfig
-
-    from loraforge.run.sftconfig import device_kwargs
 
     t, p = recipe.training, recipe.preference
     has_eval = recipe.data.eval_split > 0 or bool(recipe.data.eval_sources)
@@ -92,8 +107,6 @@ def training_args(recipe, plan, run_dir: Path, report_to):
 def add_adapter(model, recipe, gradient_checkpointing: bool, zero3: bool = False):
     """A fresh LoRA (modeling.add_lora), or the adapter of `model.adapter_from` loaded trainable; returns
     (peft model, trainable, total)."""
-    from loraforge.model.modeling import add_lora
-
     if recipe.model.adapter_from is None:
         return add_lora(model, recipe.lora, recipe.quantization.mode, gradient_checkpointing, zero3=zero3)
     from peft import PeftModel, prepare_model_for_kbit_training
@@ -110,8 +123,6 @@ def add_adapter(model, recipe, gradient_checkpointing: bool, zero3: bool = False
 def reference_kind(recipe) -> str:
     """What the DPO reference is: 'start' (frozen copy of the starting adapter) or 'base' (adapter disabled).
     ORPO has none; it keeps the copy only after an SFT run, to report the starting policy."""
-    from loraforge.model.quant import MUTATING_INITS
-
     p = recipe.preference
     fresh = recipe.model.adapter_from is None
     if recipe.training.method == "orpo":
@@ -125,8 +136,6 @@ def reference_kind(recipe) -> str:
 def staged_checkpoint(trainer, save) -> None:
     """`save()` (the Trainer's _save_checkpoint) into checkpoints/.staging, marked complete, renamed into place,
     older ones rotated afterwards: trainer.py's crash-safe checkpoint for SFT, for this trainer."""
-    from loraforge.checkpoints import STAGING, checkpoint_estimate, ensure_free_space, latest_complete, rotate, write_marker
-
     root = Path(trainer.args.output_dir)
     staging = root / STAGING
     step = trainer.state.global_step
@@ -178,121 +187,137 @@ def orpo_loss(chosen_avg, rejected_avg, chosen_nll, beta: float):
     return chosen_nll - beta * ratio.mean(), ratio, log_odds
 
 
+class PreferenceTrainer(DPOTrainer):
+    """trl's DPOTrainer with what loraforge adds: ORPO's loss in the same pipeline, tokens/s and peak memory in
+    every log, staged crash-safe checkpoints, only the trained adapter saved, the before/after report."""
+
+    _lf_last = None
+    lf_report: dict | None = None
+    lf_reference: str | None = None
+
+    def __init__(self, *args, lf_recipe=None, **kwargs):
+        self.lf_recipe = lf_recipe
+        self.lf_method = lf_recipe.training.method
+        super().__init__(*args, **kwargs)
+
+    def _prepare_dataset(self, dataset, processing_class, args, dataset_name):
+        if "prompt_ids" in dataset.column_names:  # tokenized and truncated by pref_data.py
+            return dataset
+        return super()._prepare_dataset(dataset, processing_class, args, dataset_name)
+
+    def _compute_loss(self, model, inputs, return_outputs):
+        if self.lf_method != "orpo":
+            return super()._compute_loss(model, inputs, return_outputs)
+        return self._orpo_loss(model, inputs)
+
+    def _orpo_loss(self, model, inputs):
+        mode = "train" if self.model.training else "eval"
+        kwargs = {k: v for k, v in inputs.items() if k not in ("completion_mask", "ref_chosen_logps", "ref_rejected_logps")}
+        mask = inputs["completion_mask"]
+        labels = inputs["input_ids"].masked_fill(mask == 0, -100)
+        out = model(**kwargs, labels=labels, fused_lm_head=True, use_cache=False)
+        shift = mask[..., 1:]
+        logps = out.log_probs[:, -shift.size(1):]
+        sums, counts = (logps * shift).sum(1), shift.sum(1).clamp(min=1)
+        c_sum, _ = sums.chunk(2)
+        c_n, _ = counts.chunk(2)
+        avg_c, avg_r = (sums / counts).chunk(2)
+        nll = -c_sum.sum() / c_n.sum()
+        loss, ratio, log_odds = orpo_loss(avg_c, avg_r, nll, self.beta)
+        g = self.accelerator.gather
+        m = self._metrics[mode]
+        rc, rr = self.beta * avg_c.detach(), self.beta * avg_r.detach()
+        m["rewards/chosen"].append(g(rc).mean().item())
+        m["rewards/rejected"].append(g(rr).mean().item())
+        m["rewards/accuracies"].append(g((rc > rr).float()).mean().item())
+        m["rewards/margins"].append(g(rc - rr).mean().item())
+        m["nll_loss"].append(g(nll.detach().view(1)).mean().item())
+        m["log_odds_ratio"].append(g(ratio.detach()).mean().item())
+        m["log_odds_chosen"].append(g(log_odds.detach()).mean().item())
+        if mode == "train":
+            self._total_train_tokens += int(g(inputs["attention_mask"].sum().view(1)).sum().item())
+        self._metrics[mode]["num_tokens"] = [self._total_train_tokens]
+        return loss
+
+    def log(self, logs, start_time=None):
+        if "loss" in logs:
+            now, tokens = time.time(), self._total_train_tokens
+            if self._lf_last is not None and now > self._lf_last[0]:
+                logs["tokens_per_second"] = (tokens - self._lf_last[1]) / (now - self._lf_last[0])
+            self._lf_last = (now, tokens)
+            logs["peak_memory_gib"] = peak_memory_gib()[0]
+        super().log(logs, start_time)
+
+    def training_step(self, *a, **k):
+        if self._lf_last is None:
+            self._lf_last = (time.time(), self._total_train_tokens)
+        return super().training_step(*a, **k)
+
+    def _save_checkpoint(self, model, trial):
+        staged_checkpoint(self, lambda: super(PreferenceTrainer, self)._save_checkpoint(model, trial))
+
+    def _save(self, output_dir=None, state_dict=None):
+        """Only the trained adapter ("default"): the frozen reference copy is not part of the result."""
+        peft_model = self.accelerator.unwrap_model(self.model)
+        if REF not in getattr(peft_model, "peft_config", {}):
+            return super()._save(output_dir, state_dict)
+        original = peft_model.save_pretrained
+
+        def save_default(*a, **k):
+            k.setdefault("selected_adapters", ["default"])
+            return original(*a, **k)
+
+        peft_model.save_pretrained = save_default
+        try:
+            return super()._save(output_dir, state_dict)
+        finally:
+            del peft_model.save_pretrained
+
+    def create_model_card(self, *a, **k):  # card.py writes the run's README
+        return None
+
+    def train(self, *a, **k):
+        out = super().train(*a, **k)
+        if self.state.global_step >= self.state.max_steps:
+            self.lf_report = preference_report(self, self.lf_recipe, self.processing_class)
+        return out
+
+
 def make_trainer(recipe, model, args, tokenizer, train_ds, eval_ds, callbacks):
-    """The preference trainer, built like train._run builds the SFT one."""
-    import torch
-    from trl import DPOTrainer
-    from trl.trainer.dpo_trainer import DataCollatorForPreference
-
-    from loraforge.model.quant import adapter_dtype, is_quantized, keep_adapter_dtype, optimizer_fallback, training_ready
-    from loraforge.run.trainer import peak_memory_gib
-
-    method = recipe.training.method
-    ref = reference_kind(recipe)
-
-    class PreferenceTrainer(DPOTrainer):
-        _lf_last = None
-        lf_report: dict | None = None
-
-        def _prepare_dataset(self, dataset, processing_class, args, dataset_name):
-            if "prompt_ids" in dataset.column_names:  # tokenized and truncated by pref_data.py
-                return dataset
-            return super()._prepare_dataset(dataset, processing_class, args, dataset_name)
-
-        def _compute_loss(self, model, inputs, return_outputs):
-            if method != "orpo":
-                return super()._compute_loss(model, inputs, return_outputs)
-            return self._orpo_loss(model, inputs)
-
-        def _orpo_loss(self, model, inputs):
-            mode = "train" if self.model.training else "eval"
-            kwargs = {k: v for k, v in inputs.items() if k not in ("completion_mask", "ref_chosen_logps", "ref_rejected_logps")}
-            mask = inputs["completion_mask"]
-            labels = inputs["input_ids"].masked_fill(mask == 0, -100)
-            out = model(**kwargs, labels=labels, fused_lm_head=True, use_cache=False)
-            shift = mask[..., 1:]
-            logps = out.log_probs[:, -shift.size(1):]
-            sums, counts = (logps * shift).sum(1), shift.sum(1).clamp(min=1)
-            c_sum, _ = sums.chunk(2)
-            c_n, _ = counts.chunk(2)
-            avg_c, avg_r = (sums / counts).chunk(2)
-            nll = -c_sum.sum() / c_n.sum()
-            loss, ratio, log_odds = orpo_loss(avg_c, avg_r, nll, self.beta)
-            g = self.accelerator.gather
-            m = self._metrics[mode]
-            rc, rr = self.beta * avg_c.detach(), self.beta * avg_r.detach()
-            m["rewards/chosen"].append(g(rc).mean().item())
-            m["rewards/rejected"].append(g(rr).mean().item())
-            m["rewards/accuracies"].append(g((rc > rr).float()).mean().item())
-            m["rewards/margins"].append(g(rc - rr).mean().item())
-            m["nll_loss"].append(g(nll.detach().view(1)).mean().item())
-            m["log_odds_ratio"].append(g(ratio.detach()).mean().item())
-            m["log_odds_chosen"].append(g(log_odds.detach()).mean().item())
-            if mode == "train":
-                self._total_train_tokens += int(g(inputs["attention_mask"].sum().view(1)).sum().item())
-            self._metrics[mode]["num_tokens"] = [self._total_train_tokens]
-            return loss
-
-        def log(self, logs, start_time=None):
-            if "loss" in logs:
-                now, tokens = time.time(), self._total_train_tokens
-                if self._lf_last is not None and now > self._lf_last[0]:
-                    logs["tokens_per_second"] = (tokens - self._lf_last[1]) / (now - self._lf_last[0])
-                self._lf_last = (now, tokens)
-                logs["peak_memory_gib"] = peak_memory_gib()[0]
-            super().log(logs, start_time)
-
-        def training_step(self, *a, **k):
-            if self._lf_last is None:
-                self._lf_last = (time.time(), self._total_train_tokens)
-            return super().training_step(*a, **k)
-
-        def _save_checkpoint(self, model, trial):
-            staged_checkpoint(self, lambda: super(PreferenceTrainer, self)._save_checkpoint(model, trial))
-
-        def _save(self, output_dir=None, state_dict=None):
-            """Only the trained adapter ("default"): the frozen reference copy is not part of the result."""
-            peft_model = self.accelerator.unwrap_model(self.model)
-            if REF not in getattr(peft_model, "peft_config", {}):
-                return super()._save(output_dir, state_dict)
-            original = peft_model.save_pretrained
-
-            def save_default(*a, **k):
-                k.setdefault("selected_adapters", ["default"])
-                return original(*a, **k)
-
-            peft_model.save_pretrained = save_default
-            try:
-                return super()._save(output_dir, state_dict)
-            finally:
-                del peft_model.save_pretrained
-
-        def create_model_card(self, *a, **k):  # card.py writes the run's README
-            return None
-
-        def train(self, *a, **k):
-            out = super().train(*a, **k)
-            if self.state.global_step >= self.state.max_steps:
-                self.lf_report = preference_report(self, recipe, tokenizer)
-            return out
-
-    if args is not None:
-        optim, note = optimizer_fallback(str(getattr(args.optim, "value", args.optim)),
-                                         "cpu" if args.use_cpu or not torch.cuda.is_available() else "cuda")
-        if note:
-            log.warning(note)
-            args.optim = optim
+    """The preference trainer, built as session.build_trainer builds the SFT one; the reference set as the
+    recipe says (reference_kind)."""
+    _fall_back_optimizer(args)
     training_ready(model)
     label = "bf16" if args.bf16 else "fp16" if args.fp16 else "fp32"
     collator = DataCollatorForPreference(pad_token_id=tokenizer.pad_token_id, max_length=args.max_length)
     with keep_adapter_dtype(model, adapter_dtype("4bit" if is_quantized(model) else "none", label)):
         trainer = PreferenceTrainer(model=model, args=args, data_collator=collator, train_dataset=train_ds,
-                                    eval_dataset=eval_ds, processing_class=tokenizer, callbacks=callbacks)
+                                    eval_dataset=eval_ds, processing_class=tokenizer, callbacks=callbacks,
+                                    lf_recipe=recipe)
+    _set_reference(trainer, recipe)
+    return trainer
+
+
+def _fall_back_optimizer(args) -> None:
+    """A bitsandbytes optimizer without a kernel on this device becomes torch's AdamW, with one warning."""
+    if args is None:
+        return
+    optim, note = optimizer_fallback(str(getattr(args.optim, "value", args.optim)),
+                                     "cpu" if args.use_cpu or not torch.cuda.is_available() else "cuda")
+    if note:
+        log.warning(note)
+        args.optim = optim
+
+
+def _set_reference(trainer, recipe) -> None:
+    """trl copies the adapter as a frozen "ref" adapter; kept when the reference is the start adapter, deleted
+    when it is the base (adapter disabled: no copy needed)."""
+    method, ref = recipe.training.method, reference_kind(recipe)
     peft_model = trainer.accelerator.unwrap_model(trainer.model)
     has_ref = REF in peft_model.peft_config
     keep_ref = ref == "start" or (method == "orpo" and recipe.model.adapter_from is not None)
     if has_ref and not keep_ref:
-        peft_model.delete_adapter(REF)  # the reference is the adapter-disabled model: no copy needed
+        peft_model.delete_adapter(REF)
     elif keep_ref and not has_ref:
         raise UserError("preference.reference: start, but trl made no reference copy of the adapter here; "
                         "use reference: base")
@@ -301,7 +326,6 @@ def make_trainer(recipe, model, args, tokenizer, train_ds, eval_ds, callbacks):
             p.requires_grad_(False)
     trainer.lf_reference = "start adapter (frozen copy)" if keep_ref and method == "dpo" else (
         "base (adapter disabled)" if method == "dpo" else "none (ORPO)")
-    return trainer
 
 
 # ------------------------------------------------------------------ before / after
@@ -377,8 +401,6 @@ def preference_report(trainer, recipe, tokenizer) -> dict:
             trainer.args.world_size == 1:
         from trl.trainer.utils import use_adapter
 
-        from loraforge.use.infer import answer
-
         model = peft_model
         model.eval()
         with use_adapter(model, start):
@@ -395,12 +417,3 @@ def preference_report(trainer, recipe, tokenizer) -> dict:
                  f", reward accuracy {100 * a['reward_accuracy']:.0f}%, reward margin {a['reward_margin']:.3f}"
                  if "reward_accuracy" in a else "")
     return report
-
-
-def format_report(report: dict) -> str:
-    b, a = report["before"], report["after"]
-    text = (f"chosen preferred {100 * b['chosen_preferred']:.0f}% -> {100 * a['chosen_preferred']:.0f}%, "
-            f"log-prob margin {b['mean_logp_margin']:+.3f} -> {a['mean_logp_margin']:+.3f} per token")
-    if "reward_margin" in a:
-        text += f"; reward accuracy {100 * a['reward_accuracy']:.0f}%, margin {a['reward_margin']:+.3f}"
-    return text + f" ({report['pairs']} {report['scored_on']})"

@@ -33,7 +33,6 @@ from loraforge.recipe import Recipe, dump_recipe
 from loraforge.redact import redact
 from loraforge.run.batching import RowCollator
 from loraforge.run.launched import check_launched, launch_record
-from loraforge.run import preference
 from loraforge.run.memguard import preflight
 from loraforge.run.runlock import hold
 from loraforge.run.saving import check_saved_adapter, save_adapter
@@ -162,10 +161,10 @@ def training_libraries() -> SimpleNamespace:
     imported here, the one place, after the GPU is pinned and not at all for a run that is already finished."""
     if "peft" not in sys.modules:
         stage("loading the training libraries (transformers' Trainer: peft, bitsandbytes)")
-    from loraforge.run import callbacks, memreport, preemption, tracking, trainer
+    from loraforge.run import callbacks, memreport, preemption, preference, tracking, trainer
 
-    return SimpleNamespace(callbacks=callbacks, memreport=memreport, preemption=preemption, trainer=trainer,
-                           tracking=tracking)
+    return SimpleNamespace(callbacks=callbacks, memreport=memreport, preemption=preemption, preference=preference,
+                           trainer=trainer, tracking=tracking)
 
 
 def data_and_plan(recipe: Recipe, hw, clock: Clock) -> Prepared:
@@ -183,7 +182,7 @@ def training_arguments(recipe: Recipe, prep: Prepared, run_dir: Path, libs):
     """The SFTConfig, before the model: it sets this rank's device and (ZeRO-3) switches loading to zero.Init."""
     from transformers import set_seed
 
-    make_args = sft_config if recipe.training.method == "sft" else preference.training_args  # DPOConfig
+    make_args = sft_config if recipe.training.method == "sft" else libs.preference.training_args  # DPOConfig
     args = make_args(recipe, prep.plan, run_dir, libs.tracking.report_to(recipe))
     _ = args.device  # builds accelerate's PartialState now: torch.cuda.set_device(local_rank) on GPUs
     set_seed(recipe.training.seed)  # LoRA's A matrices are random: the same recipe must start from the same weights
@@ -206,7 +205,7 @@ def model_with_lora(recipe: Recipe, prep: Prepared, hw, run_dir: Path, libs, clo
         model, trainable, total = add_lora(model, recipe.lora, recipe.quantization.mode, plan.gradient_checkpointing,
                                           zero3=zero3)
     else:  # a fresh LoRA, or the SFT run's adapter (model.adapter_from) loaded trainable
-        model, trainable, total = preference.add_adapter(model, recipe, plan.gradient_checkpointing, zero3=zero3)
+        model, trainable, total = libs.preference.add_adapter(model, recipe, plan.gradient_checkpointing, zero3=zero3)
     clock.mark("model")
     if hw.rank == 0:
         log.info("LoRA: %s trainable of %s parameters (%.2f%%)", f"{trainable:,}", f"{total:,}", 100 * trainable / total)
@@ -245,7 +244,7 @@ def build_trainer(recipe: Recipe, prep: Prepared, model, args, run_dir: Path, hw
         }),
     ]
     if recipe.training.method != "sft":
-        return preference.make_trainer(recipe, model, args, tokenizer, prep.train_ds, prep.eval_ds, callbacks)
+        return libs.preference.make_trainer(recipe, model, args, tokenizer, prep.train_ds, prep.eval_ds, callbacks)
     attn = getattr(model.config, "_attn_implementation", None) or ""
     return libs.trainer.LoraTrainer(
         model=model,
