@@ -50,13 +50,14 @@ def write_json(path: Path, obj) -> None:
     os.replace(tmp, path)
 
 
-def read_json(path: Path, default=None):
-    """The JSON object in `path`; `default` when the file is missing, unreadable or not a JSON object."""
+def read_json(path: Path, default=None, kind: type = dict):
+    """The JSON value in `path` (an object, or with kind=list an array: samples.json); `default` when the file is
+    missing, unreadable or holds something else."""
     try:
         data = json.loads(Path(path).read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return default
-    return data if isinstance(data, dict) else default
+    return data if isinstance(data, kind) else default
 
 
 def update_json(path: Path, changes: dict) -> None:

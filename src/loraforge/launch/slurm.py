@@ -34,7 +34,7 @@ from loraforge.launch.preview import plan_launch
 from loraforge.plan.planner import plan_batch, recipe_split
 from loraforge.plan.strategy import CONFIG_ENV, choose_strategy
 from loraforge.resources import shipped_dir
-from loraforge.rundir import CHECKPOINTS_DIR, DONE_FILE, METRICS_FILE, PLAN_FILE, PREEMPTED_FILE, RECIPE_FILE
+from loraforge.rundir import CHECKPOINTS_DIR, DONE_FILE, METRICS_FILE, PLAN_FILE, PREEMPTED_FILE, RECIPE_FILE, read_json
 
 DEFAULT_SIGNAL_LEAD_S = 300
 # Shell words that need no quoting inside the single-quoted `bash -c '...'` (same set as shlex.quote).
@@ -308,14 +308,13 @@ def run_progress(run_dir: Path) -> dict:
         max_steps = (yaml.safe_load(recipe.read_text()).get("training") or {}).get("max_steps", -1)
         if max_steps and max_steps > 0:
             out["max_steps"] = max_steps
-    plan = run_dir / PLAN_FILE
-    if plan.is_file():
-        out["world_size"] = json.loads(plan.read_text()).get("world_size")
+    if (run_dir / PLAN_FILE).is_file():
+        out["world_size"] = read_json(run_dir / PLAN_FILE, {}).get("world_size")
     ckpt = latest_complete(run_dir / CHECKPOINTS_DIR)
     out["latest_checkpoint"] = str(ckpt) if ckpt else None
 
     if (run_dir / PREEMPTED_FILE).is_file():
-        out["preempted"] = json.loads((run_dir / PREEMPTED_FILE).read_text())
+        out["preempted"] = read_json(run_dir / PREEMPTED_FILE, {})
     return out
 
 

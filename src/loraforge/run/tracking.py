@@ -15,7 +15,7 @@ from transformers import TrainerCallback
 
 from loraforge.errors import UserError
 from loraforge.recipe import Recipe
-from loraforge.rundir import TRACKING_FILE
+from loraforge.rundir import TRACKING_FILE, read_json, write_json
 
 
 def wandb_logged_in(environ=None) -> bool:
@@ -71,11 +71,12 @@ def configure(recipe: Recipe, run_dir: Path) -> list[str] | str:
 def run_id(run_dir: Path) -> str:
     """The W&B run id of this run directory, created once and kept in tracking.json."""
     path = run_dir / TRACKING_FILE
-    if path.is_file():
-        return json.loads(path.read_text())["wandb_run_id"]
+    known = read_json(path, {}).get("wandb_run_id")
+    if known:
+        return known
     rid = os.environ.get("LORAFORGE_WANDB_RUN_ID") or uuid.uuid4().hex[:12]
     run_dir.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps({"wandb_run_id": rid}) + "\n")
+    write_json(path, {"wandb_run_id": rid})
     return rid
 
 

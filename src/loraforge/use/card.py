@@ -14,7 +14,7 @@ import math
 from dataclasses import dataclass
 from pathlib import Path
 
-from loraforge.rundir import (
+from loraforge.rundir import read_json
     ADAPTER_CONFIG_FILE,
     CARD_FILE,
     DONE_FILE,
@@ -45,13 +45,8 @@ def _json(path: Path):
 
 
 def _json_list(path: Path) -> list:
-    """A JSON list (samples.json's rows); [] when the file is missing, unreadable or holds something else.
-    (rundir.read_json reads JSON objects only.)"""
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return []
-    return data if isinstance(data, list) else []
+    """A JSON list (samples.json's rows); [] when the file is missing, unreadable or holds something else."""
+    return read_json(path, [], kind=list)
 
 
 def _yaml(path: Path) -> dict:

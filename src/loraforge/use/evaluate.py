@@ -10,7 +10,6 @@ two agree when the eval set fits one batch); perplexity is exp(loss).
 
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -20,7 +19,7 @@ from loraforge.data import dataset as data_mod
 from loraforge.data.pairs import chosen_examples
 from loraforge.errors import UserError
 from loraforge.recipe import DataSource
-from loraforge.rundir import EVAL_FILE, PLAN_FILE, write_json
+from loraforge.rundir import EVAL_FILE, PLAN_FILE, read_json, write_json
 from loraforge.use.infer import _load_run_recipe, is_run_dir, load_for_inference
 
 
@@ -67,7 +66,7 @@ def held_out_examples(recipe, data: str | Path | None) -> tuple[list[dict], str]
 def _max_length(run_dir: Path, recipe) -> int | None:
     plan = run_dir / PLAN_FILE
     if plan.is_file():
-        value = json.loads(plan.read_text()).get("max_seq_length")
+        value = read_json(plan, {}).get("max_seq_length")
         if isinstance(value, int):
             return value
     return recipe.data.max_seq_length if isinstance(recipe.data.max_seq_length, int) else None

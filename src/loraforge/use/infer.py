@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import logging
 from pathlib import Path
 
@@ -11,7 +10,7 @@ from loraforge.errors import UserError
 from loraforge.model.modeling import base_model_dir
 from loraforge.model.quant import bnb_config, describe, full_precision_bytes
 from loraforge.recipe import load_recipe
-from loraforge.rundir import ADAPTER_CONFIG_FILE, RECIPE_FILE, SOURCE_FILE
+from loraforge.rundir import ADAPTER_CONFIG_FILE, RECIPE_FILE, SOURCE_FILE, read_json
 
 log = logging.getLogger("loraforge")
 
@@ -26,8 +25,9 @@ def _load_run_recipe(run_dir: Path):
         raise UserError(f"{run_dir}: no recipe.yaml; is this a loraforge run directory?")
     recipe = load_recipe(recipe_file)
     source = run_dir / SOURCE_FILE
-    if source.is_file():  # resolve relative paths against the original recipe's location
-        recipe._source = Path(json.loads(source.read_text())["recipe"])
+    origin = read_json(source, {}).get("recipe")
+    if origin:  # resolve relative paths against the original recipe's location
+        recipe._source = Path(origin)
     return recipe
 
 
