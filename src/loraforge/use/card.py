@@ -8,13 +8,12 @@ at the end of training and again from `loraforge report`.
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 from dataclasses import dataclass
 from pathlib import Path
 
-from loraforge.rundir import read_json
+from loraforge.rundir import (
     ADAPTER_CONFIG_FILE,
     CARD_FILE,
     DONE_FILE,
