@@ -30,7 +30,9 @@ def base_bytes(model_dir: Path, mode: str) -> int:
     import torch
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
-    from loraforge.model.quant import loaded_bytes
+    from loraforge.model.quant import loaded_bytes, silence_cpu_kernel_notice
+
+    silence_cpu_kernel_notice()  # bitsandbytes' 'Failed to load CPU gemm_4bit_forward' (quant.py says why)
 
     q = None
     if mode == "4bit":
