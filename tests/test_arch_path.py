@@ -377,3 +377,14 @@ def test_gguf_export_or_one_line_refusal(family, families, tmp_path):
         return
     measured = _gguf_round_trip(f.run.run_dir, out)
     print(family, json.dumps(measured))
+
+
+def test_a_template_that_drops_the_system_prompt_is_noticed(tiny_tokenizer):
+    """Mistral v0.3's template renders the system prompt only into a final user turn: with data.system_prompt set,
+    training conversations (which end with an answer) would silently go without it; prepare() warns."""
+    from loraforge.data.dataset import system_prompt_dropped
+
+    assert system_prompt_dropped(family_tokenizer(tiny_tokenizer, "mistral"), None, "Answer briefly.")
+    for family in ("qwen2", "llama", "phi3"):
+        assert not system_prompt_dropped(family_tokenizer(tiny_tokenizer, family), None, "Answer briefly."), family
+    assert not system_prompt_dropped(family_tokenizer(tiny_tokenizer, "gemma2"), None, "Answer briefly.")  # refuses itself

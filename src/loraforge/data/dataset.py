@@ -343,6 +343,18 @@ def _render(tokenizer, messages: list[dict], template: str | None, add_generatio
                         "(e.g. remove system turns and data.system_prompt) or set data.chat_template") from None
 
 
+def system_prompt_dropped(tokenizer, template: str | None, system_prompt: str) -> bool:
+    """Whether the chat template leaves `system_prompt` out of a conversation that ends with an answer, as every
+    training conversation does (Mistral v0.3's template puts the system prompt into the last user turn only when
+    the conversation ends with that turn). A template that refuses system turns says so itself (`_render`)."""
+    messages = [{"role": "system", "content": system_prompt}, {"role": "user", "content": "Hello?"},
+                {"role": "assistant", "content": "Hello."}]
+    try:
+        return system_prompt not in _render(tokenizer, messages, template, False)
+    except UserError:
+        return False
+
+
 def assistant_spans(tokenizer, messages: list[dict], template: str | None = None) -> tuple[str, list[tuple[int, int]]]:
     """The rendered conversation and the character spans of each assistant turn (content + end-of-turn)."""
     full = _render(tokenizer, messages, template, False)

@@ -26,7 +26,7 @@ from typing import Any
 from loraforge.checkpoints import verify_dir
 from loraforge.data import dataset as data_mod
 from loraforge.data.dataset import _render, _turns, iter_records
-from loraforge.data.prepare import Prepared
+from loraforge.data.prepare import Prepared, warn_if_system_prompt_dropped
 from loraforge.errors import UserError
 from loraforge.model.modeling import base_model_dir, load_tokenizer
 from loraforge.plan.memory import model_shape
@@ -196,7 +196,9 @@ def prepare_preference(recipe, hw, check_adapter: bool = True):
     if check_adapter:
         check_start_adapter(recipe)
     model_dir = base_model_dir(recipe)
-    tokenizer = load_tokenizer(model_dir, recipe, data_mod.resolve_chat_template(recipe))
+    template = data_mod.resolve_chat_template(recipe)
+    tokenizer = load_tokenizer(model_dir, recipe, template)
+    warn_if_system_prompt_dropped(recipe, tokenizer, template)
     rows = _rendered_pairs(recipe, tokenizer)
     train_rows = [row for is_eval, row in rows if not is_eval]
     if not train_rows:

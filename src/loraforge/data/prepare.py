@@ -54,6 +54,7 @@ def prepare(recipe: Recipe, hw) -> Prepared:
     scan = data_mod.scan_data(recipe)
     model_dir = base_model_dir(recipe)
     tokenizer = load_tokenizer(model_dir, recipe, template)
+    warn_if_system_prompt_dropped(recipe, tokenizer, template)
     train_ds, eval_ds, lengths = data_mod.tokenized_data(recipe, tokenizer, scan, write_cache=hw.rank == 0)
 
     config = AutoConfig.from_pretrained(
@@ -85,3 +86,13 @@ def prepare(recipe: Recipe, hw) -> Prepared:
     if eval_rows is not None and not len(eval_rows):
         eval_rows = None
     return Prepared(plan, tokenizer, train_rows, eval_rows, model_dir, lengths, truncated, shape)
+
+
+def warn_if_system_prompt_dropped(recipe: Recipe, tokenizer, template) -> None:
+    """data.system_prompt that the model's chat template does not render in training conversations has no effect:
+    say so (one warning) rather than train without it silently."""
+    prompt = recipe.data.system_prompt
+    if prompt and data_mod.system_prompt_dropped(tokenizer, template, prompt):
+        log.warning("data.system_prompt: this model's chat template leaves it out of conversations that end with an "
+                    "answer (as Mistral v0.3's does), so it has no effect on training; set data.chat_template to a "
+                    "template that renders system turns, or put the instruction in the user turns")
