@@ -26,11 +26,10 @@ from typing import Any
 from loraforge.checkpoints import verify_dir
 from loraforge.data import dataset as data_mod
 from loraforge.data.dataset import _render, _turns, iter_records
-from loraforge.data.prepare import Prepared, warn_if_system_prompt_dropped
+from loraforge.data.prepare import Prepared, plan_for_lengths, warn_if_system_prompt_dropped
 from loraforge.errors import UserError
 from loraforge.model.modeling import base_model_dir, load_tokenizer
-from loraforge.plan.memory import model_shape
-from loraforge.plan.planner import CPU_EXECUTION_NOTE, make_plan
+from loraforge.plan.planner import CPU_EXECUTION_NOTE
 
 log = logging.getLogger("loraforge")
 FIELDS = ("prompt", "chosen", "rejected")
@@ -204,7 +203,7 @@ def prepare_preference(recipe, hw, check_adapter: bool = True):
     if not train_rows:
         raise UserError("data.sources: no preference pairs left for training; lower data.eval_split")
     lengths = [len(r["prompt_ids"]) + max(len(r["chosen_ids"]), len(r["rejected_ids"])) for r in train_rows]
-    plan, shape = _plan(recipe, hw, model_dir, lengths)
+    plan, shape = plan_for_lengths(recipe, hw, model_dir, lengths)
     max_prompt = max_prompt_tokens(recipe, plan.max_seq_length)
     out, stats = _truncated(rows, plan.max_seq_length, max_prompt)
     plan = _preference_plan(recipe, plan, max_prompt)
@@ -229,21 +228,6 @@ def _rendered_pairs(recipe, tokenizer) -> list[tuple[bool, dict]]:
     extra = list(iter_pairs(d.eval_sources, recipe)) if d.eval_sources else []
     rows = [(i in held, render_pair(tokenizer, p, c, r, None, origin)) for i, (origin, p, c, r) in enumerate(pairs)]
     return rows + [(True, render_pair(tokenizer, p, c, r, None, origin)) for origin, p, c, r in extra]
-
-
-def _plan(recipe, hw, model_dir: str, lengths: list[int]):
-    """The plan for these pairs' lengths (as for SFT), and the model's shape."""
-    from transformers import AutoConfig
-
-    config = AutoConfig.from_pretrained(model_dir, trust_remote_code=recipe.model.trust_remote_code,
-                                        revision=recipe.model.revision)
-    model_max = getattr(config, "max_position_embeddings", None)
-    shape = model_shape(config.to_dict())
-    plan = make_plan(recipe, hw, max(lengths), model_max, shape=shape, lengths=lengths)
-    if model_max and plan.max_seq_length > model_max:
-        raise UserError(f"data.max_seq_length: {plan.max_seq_length} is beyond the model's context of {model_max} "
-                        f"tokens; set it to {model_max} or less (or auto)")
-    return plan, shape
 
 
 def _truncated(rows, max_len: int, max_prompt: int) -> tuple[dict, dict]:

@@ -45,8 +45,6 @@ class Prepared:
 def prepare(recipe: Recipe, hw) -> Prepared:
     """recipe + hardware -> tokenized data and the plan. Data is read first: a bad record stops the run
     before any model is loaded."""
-    from transformers import AutoConfig
-
     template = data_mod.resolve_chat_template(recipe)
     # Streamed (data.py): read + validated first (a bad record stops here, before any model loads), then
     # tokenized into memory-mapped files on disk, cached between runs: bounded memory whatever the data's
@@ -57,17 +55,7 @@ def prepare(recipe: Recipe, hw) -> Prepared:
     warn_if_system_prompt_dropped(recipe, tokenizer, template)
     train_ds, eval_ds, lengths = data_mod.tokenized_data(recipe, tokenizer, scan, write_cache=hw.rank == 0)
 
-    config = AutoConfig.from_pretrained(
-        model_dir, trust_remote_code=recipe.model.trust_remote_code, revision=recipe.model.revision
-    )
-    model_max = getattr(config, "max_position_embeddings", None)
-    shape = model_shape(config.to_dict())
-    plan = make_plan(recipe, hw, max(lengths), model_max, shape=shape, lengths=lengths)
-    if model_max and plan.max_seq_length > model_max:
-        raise UserError(
-            f"data.max_seq_length: {plan.max_seq_length} is beyond the model's context of {model_max} tokens; "
-            f"set it to {model_max} or less (or auto)"
-        )
+    plan, shape = plan_for_lengths(recipe, hw, model_dir, lengths)
     truncated = truncation_report(lengths, plan.max_seq_length)
     if truncated[0]:
         log.warning(
@@ -96,3 +84,19 @@ def warn_if_system_prompt_dropped(recipe: Recipe, tokenizer, template) -> None:
         log.warning("data.system_prompt: this model's chat template leaves it out of conversations that end with an "
                     "answer (as Mistral v0.3's does), so it has no effect on training; set data.chat_template to a "
                     "template that renders system turns, or put the instruction in the user turns")
+
+
+def plan_for_lengths(recipe: Recipe, hw, model_dir: str, lengths: list[int]):
+    """The plan for samples of these token lengths on `hw`, from the model's config; (plan, model shape). A
+    sequence length beyond the model's context stops here."""
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(model_dir, trust_remote_code=recipe.model.trust_remote_code,
+                                        revision=recipe.model.revision)
+    model_max = getattr(config, "max_position_embeddings", None)
+    shape = model_shape(config.to_dict())
+    plan = make_plan(recipe, hw, max(lengths), model_max, shape=shape, lengths=lengths)
+    if model_max and plan.max_seq_length > model_max:
+        raise UserError(f"data.max_seq_length: {plan.max_seq_length} is beyond the model's context of {model_max} "
+                        f"tokens; set it to {model_max} or less (or auto)")
+    return plan, shape
