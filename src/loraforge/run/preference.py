@@ -45,7 +45,7 @@ from loraforge.model.quant import (
     optimizer_fallback,
     training_ready,
 )
-from loraforge.run.sftconfig import device_kwargs
+from loraforge.run.sftconfig import training_arguments
 from loraforge.run.trainer import peak_memory_gib
 from loraforge.use.infer import answer
 
@@ -55,47 +55,14 @@ REF = "ref"  # trl's name for the frozen copy of the starting adapter
 
 
 def training_args(recipe, plan, run_dir: Path, report_to):
-    """The DPOConfig for this plan: the same general arguments as train.sft_config (keep them in step), the
-    preference keys, and no trl data preparation (pref_data.py tokenized and truncated the pairs)."""
+    """The DPOConfig for this plan: the general arguments every loraforge trainer gets (sftconfig), the preference
+    keys, and no trl data preparation (data/pairs.py tokenized and truncated the pairs)."""
     from trl import DPOConfig
 
-    t, p = recipe.training, recipe.preference
-    has_eval = recipe.data.eval_split > 0 or bool(recipe.data.eval_sources)
-    dpo = t.method == "dpo"
+    p = recipe.preference
+    dpo = recipe.training.method == "dpo"
     return DPOConfig(
-        output_dir=str(run_dir / "checkpoints"),
-        per_device_train_batch_size=plan.batch.micro_batch_size,
-        per_device_eval_batch_size=plan.batch.micro_batch_size,
-        gradient_accumulation_steps=plan.batch.gradient_accumulation_steps,
-        num_train_epochs=t.epochs,
-        max_steps=t.max_steps,
-        learning_rate=t.learning_rate,
-        lr_scheduler_type=t.lr_scheduler,
-        warmup_steps=t.warmup,
-        weight_decay=t.weight_decay,
-        max_grad_norm=t.max_grad_norm,
-        optim=t.optimizer,
-        seed=t.seed,
-        data_seed=t.seed,
-        bf16=plan.precision.bf16,
-        fp16=plan.precision.fp16,
-        **device_kwargs(plan.precision.use_cpu, plan.strategy),
-        activation_checkpointing=plan.gradient_checkpointing,
-        activation_checkpointing_kwargs={"use_reentrant": False},
-        ddp_find_unused_parameters=False,
-        max_length=plan.max_seq_length,
-        logging_steps=t.logging_steps,
-        logging_first_step=True,
-        eval_strategy=("steps" if t.eval_steps else "no") if has_eval else "no",
-        eval_steps=t.eval_steps,
-        save_strategy="steps" if t.save_steps else "no",
-        save_steps=t.save_steps or 500,
-        save_total_limit=t.save_total_limit,
-        report_to=report_to,
-        run_name=recipe.tracking.run_name or run_dir.name,
-        disable_tqdm=True,
-        dataloader_num_workers=0,
-        dataset_num_proc=None,
+        **training_arguments(recipe, plan, run_dir, report_to),
         beta=p.beta,
         loss_type=[p.loss_type if dpo else "sigmoid"],
         label_smoothing=p.label_smoothing if dpo else 0.0,

@@ -21,16 +21,12 @@ def device_kwargs(cpu: bool, strategy: str) -> dict:
     }
 
 
-def sft_config(recipe: Recipe, plan, run_dir: Path, report_to):
-    """The SFTConfig for this plan. Built before the model loads: creating it sets each rank's device and,
-    under `accelerate launch` with DeepSpeed ZeRO-3, registers the DeepSpeed config so that `from_pretrained`
-    partitions the weights while loading (zero.Init) instead of every rank holding the whole model."""
-    from trl import SFTConfig
-
+def training_arguments(recipe: Recipe, plan, run_dir: Path, report_to) -> dict:
+    """The arguments every loraforge trainer gets from the plan (SFT's SFTConfig and DPO/ORPO's DPOConfig alike):
+    the batch split, schedule, precision, device, checkpointing, logging and saving."""
     t = recipe.training
-    report = report_to
     has_eval = recipe.data.eval_split > 0 or bool(recipe.data.eval_sources)
-    return SFTConfig(
+    return dict(
         output_dir=str(run_dir / CHECKPOINTS_DIR),
         per_device_train_batch_size=plan.batch.micro_batch_size,
         per_device_eval_batch_size=plan.batch.micro_batch_size,
@@ -52,8 +48,6 @@ def sft_config(recipe: Recipe, plan, run_dir: Path, report_to):
         activation_checkpointing_kwargs={"use_reentrant": False},
         ddp_find_unused_parameters=False,
         max_length=plan.max_seq_length,
-        packing=False,  # done in prepare() (data.training_rows); batching.RowCollator builds the rows
-        dataset_kwargs={"skip_prepare_dataset": True},  # tokenized, labelled and truncated by loraforge
         logging_steps=t.logging_steps,
         logging_first_step=True,
         eval_strategy=("steps" if t.eval_steps else "no") if has_eval else "no",
@@ -61,9 +55,22 @@ def sft_config(recipe: Recipe, plan, run_dir: Path, report_to):
         save_strategy="steps" if t.save_steps else "no",
         save_steps=t.save_steps or 500,
         save_total_limit=t.save_total_limit,
-        report_to=report,
+        report_to=report_to,
         run_name=recipe.tracking.run_name or run_dir.name,
         disable_tqdm=True,  # our ProgressBar callback instead
         dataloader_num_workers=0,
         dataset_num_proc=None,
+    )
+
+
+def sft_config(recipe: Recipe, plan, run_dir: Path, report_to):
+    """The SFTConfig for this plan. Built before the model loads: creating it sets each rank's device and,
+    under `accelerate launch` with DeepSpeed ZeRO-3, registers the DeepSpeed config so that `from_pretrained`
+    partitions the weights while loading (zero.Init) instead of every rank holding the whole model."""
+    from trl import SFTConfig
+
+    return SFTConfig(
+        **training_arguments(recipe, plan, run_dir, report_to),
+        packing=False,  # done in prepare() (data.training_rows); batching.RowCollator builds the rows
+        dataset_kwargs={"skip_prepare_dataset": True},  # tokenized, labelled and truncated by loraforge
     )
