@@ -22,11 +22,8 @@
 from __future__ import annotations
 
 import contextlib
-import errno
 import json
 import logging
-import os
-import shutil
 import time
 from pathlib import Path
 
@@ -34,7 +31,6 @@ import torch
 from trl import DPOTrainer
 from trl.trainer.dpo_trainer import DataCollatorForPreference
 
-from loraforge.checkpoints import STAGING, checkpoint_estimate, ensure_free_space, latest_complete, rotate, write_marker
 from loraforge.errors import UserError
 from loraforge.model.modeling import add_lora
 from loraforge.model.quant import (
@@ -46,7 +42,7 @@ from loraforge.model.quant import (
     training_ready,
 )
 from loraforge.run.sftconfig import training_arguments
-from loraforge.run.trainer import peak_memory_gib
+from loraforge.run.trainer import StagedCheckpoints, peak_memory_gib
 from loraforge.use.infer import answer
 
 log = logging.getLogger("loraforge")
@@ -100,44 +96,6 @@ def reference_kind(recipe) -> str:
     return "base" if fresh and recipe.lora.init not in MUTATING_INITS else "start"
 
 
-def staged_checkpoint(trainer, save) -> None:
-    """`save()` (the Trainer's _save_checkpoint) into checkpoints/.staging, marked complete, renamed into place,
-    older ones rotated afterwards: trainer.py's crash-safe checkpoint for SFT, for this trainer."""
-    root = Path(trainer.args.output_dir)
-    staging = root / STAGING
-    step = trainer.state.global_step
-    final = root / f"checkpoint-{step}"
-    if trainer.args.should_save:
-        root.mkdir(parents=True, exist_ok=True)
-        trainable = sum(p.numel() for p in trainer.model.parameters() if p.requires_grad)
-        ensure_free_space(root, checkpoint_estimate(trainable, latest_complete(root)))
-        shutil.rmtree(staging, ignore_errors=True)
-        staging.mkdir()
-    trainer.accelerator.wait_for_everyone()
-    trainer.args.output_dir = str(staging)
-    try:
-        save()
-    except OSError as e:
-        if trainer.args.should_save:
-            shutil.rmtree(staging, ignore_errors=True)
-        if e.errno == errno.ENOSPC:
-            raise UserError(f"{root}: the disk filled up while writing checkpoint-{step}; the previous checkpoint is "
-                            "intact: free some space and run the same command again to resume") from None
-        raise
-    finally:
-        trainer.args.output_dir = str(root)
-    trainer.accelerator.wait_for_everyone()
-    if trainer.args.should_save:
-        written = staging / f"checkpoint-{step}"
-        write_marker(written, step)
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(written, final)
-        shutil.rmtree(staging, ignore_errors=True)
-        rotate(root, trainer.args.save_total_limit)
-    trainer.accelerator.wait_for_everyone()
-
-
 def orpo_loss(chosen_avg, rejected_avg, chosen_nll, beta: float):
     """ORPO's loss from per-token-averaged log-probs (Hong et al. 2024, eqs. 4-7, as trl.experimental.orpo):
     (loss, log sigmoid(log odds ratio) per pair, log odds ratio per pair)."""
@@ -154,7 +112,7 @@ def orpo_loss(chosen_avg, rejected_avg, chosen_nll, beta: float):
     return chosen_nll - beta * ratio.mean(), ratio, log_odds
 
 
-class PreferenceTrainer(DPOTrainer):
+class PreferenceTrainer(StagedCheckpoints, DPOTrainer):
     """trl's DPOTrainer with what loraforge adds: ORPO's loss in the same pipeline, tokens/s and peak memory in
     every log, staged crash-safe checkpoints, only the trained adapter saved, the before/after report."""
 
@@ -219,9 +177,6 @@ class PreferenceTrainer(DPOTrainer):
         if self._lf_last is None:
             self._lf_last = (time.time(), self._total_train_tokens)
         return super().training_step(*a, **k)
-
-    def _save_checkpoint(self, model, trial):
-        staged_checkpoint(self, lambda: super(PreferenceTrainer, self)._save_checkpoint(model, trial))
 
     def _save(self, output_dir=None, state_dict=None):
         """Only the trained adapter ("default"): the frozen reference copy is not part of the result."""

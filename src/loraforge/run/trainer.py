@@ -68,7 +68,66 @@ def _precision_label(targs) -> str:
     return "bf16" if getattr(targs, "bf16", False) else "fp16" if getattr(targs, "fp16", False) else "fp32"
 
 
-class LoraTrainer(SFTTrainer):
+class StagedCheckpoints:
+    """Crash-safe checkpoints for any transformers Trainer (mixed in before it: LoraTrainer, the preference trainer):
+    written into checkpoints/.staging, marked complete (sizes + checksums), renamed into place; old checkpoints
+    rotated only then. Every rank takes part (ZeRO / FSDP save together)."""
+
+    def _save_checkpoint(self, model, trial):
+        """Written into checkpoints/.staging, marked complete (sizes + checksums), renamed into place; old
+        checkpoints rotated only then. Every rank takes part (ZeRO / FSDP save together)."""
+        root = Path(self.args.output_dir)
+        step = self.state.global_step
+        if self.args.should_save:
+            self._lf_prepare_staging(root)
+        self.accelerator.wait_for_everyone()
+        self._lf_save_into_staging(model, trial, root, step)
+        self.accelerator.wait_for_everyone()
+        if self.args.should_save:
+            self._lf_publish(root, step)
+        self.accelerator.wait_for_everyone()
+
+    def _lf_prepare_staging(self, root: Path) -> None:
+        """Enough free disk for one more checkpoint (or a one-line error), and an empty staging folder."""
+        staging = root / STAGING
+        root.mkdir(parents=True, exist_ok=True)
+        trainable = sum(p.numel() for p in self.model.parameters() if p.requires_grad)
+        ensure_free_space(root, checkpoint_estimate(trainable, latest_complete(root)))
+        shutil.rmtree(staging, ignore_errors=True)
+        staging.mkdir()
+
+    def _lf_save_into_staging(self, model, trial, root: Path, step: int) -> None:
+        """transformers' own checkpoint, written under the staging folder; a full disk leaves the previous one."""
+        staging = root / STAGING
+        self.args.output_dir = str(staging)
+        try:
+            super()._save_checkpoint(model, trial)
+        except OSError as e:
+            if self.args.should_save:
+                shutil.rmtree(staging, ignore_errors=True)
+            if e.errno == errno.ENOSPC:
+                raise UserError(
+                    f"{root}: the disk filled up while writing checkpoint-{step}; the previous checkpoint is "
+                    "intact: free some space and run the same command again to resume"
+                ) from None
+            raise
+        finally:
+            self.args.output_dir = str(root)
+
+    def _lf_publish(self, root: Path, step: int) -> None:
+        """Mark the staged checkpoint complete, rename it into place, then rotate the old ones."""
+        staging = root / STAGING
+        final = root / f"checkpoint-{step}"
+        written = staging / f"checkpoint-{step}"
+        write_marker(written, step)  # sizes + checksums of every file, then complete
+        if final.exists():  # an incomplete leftover of an earlier crash at this very step
+            shutil.rmtree(final)
+        os.replace(written, final)
+        shutil.rmtree(staging, ignore_errors=True)
+        rotate(root, self.args.save_total_limit)
+
+
+class LoraTrainer(StagedCheckpoints, SFTTrainer):
     _lf_last: tuple[float, int] | None = None
     _lf_pending = None
     _lf_initial = None
@@ -185,58 +244,3 @@ class LoraTrainer(SFTTrainer):
             self._lf_last = (now, tokens)
             logs["peak_memory_gib"] = peak_memory_gib()[0]
         super().log(logs, start_time)
-
-    # ------------------------------------------------------------------ crash-safe checkpoints
-
-    def _save_checkpoint(self, model, trial):
-        """Written into checkpoints/.staging, marked complete (sizes + checksums), renamed into place; old
-        checkpoints rotated only then. Every rank takes part (ZeRO / FSDP save together)."""
-        root = Path(self.args.output_dir)
-        step = self.state.global_step
-        if self.args.should_save:
-            self._lf_prepare_staging(root)
-        self.accelerator.wait_for_everyone()
-        self._lf_save_into_staging(model, trial, root, step)
-        self.accelerator.wait_for_everyone()
-        if self.args.should_save:
-            self._lf_publish(root, step)
-        self.accelerator.wait_for_everyone()
-
-    def _lf_prepare_staging(self, root: Path) -> None:
-        """Enough free disk for one more checkpoint (or a one-line error), and an empty staging folder."""
-        staging = root / STAGING
-        root.mkdir(parents=True, exist_ok=True)
-        trainable = sum(p.numel() for p in self.model.parameters() if p.requires_grad)
-        ensure_free_space(root, checkpoint_estimate(trainable, latest_complete(root)))
-        shutil.rmtree(staging, ignore_errors=True)
-        staging.mkdir()
-
-    def _lf_save_into_staging(self, model, trial, root: Path, step: int) -> None:
-        """transformers' own checkpoint, written under the staging folder; a full disk leaves the previous one."""
-        staging = root / STAGING
-        self.args.output_dir = str(staging)
-        try:
-            super()._save_checkpoint(model, trial)
-        except OSError as e:
-            if self.args.should_save:
-                shutil.rmtree(staging, ignore_errors=True)
-            if e.errno == errno.ENOSPC:
-                raise UserError(
-                    f"{root}: the disk filled up while writing checkpoint-{step}; the previous checkpoint is "
-                    "intact: free some space and run the same command again to resume"
-                ) from None
-            raise
-        finally:
-            self.args.output_dir = str(root)
-
-    def _lf_publish(self, root: Path, step: int) -> None:
-        """Mark the staged checkpoint complete, rename it into place, then rotate the old ones."""
-        staging = root / STAGING
-        final = root / f"checkpoint-{step}"
-        written = staging / f"checkpoint-{step}"
-        write_marker(written, step)  # sizes + checksums of every file, then complete
-        if final.exists():  # an incomplete leftover of an earlier crash at this very step
-            shutil.rmtree(final)
-        os.replace(written, final)
-        shutil.rmtree(staging, ignore_errors=True)
-        rotate(root, self.args.save_total_limit)
