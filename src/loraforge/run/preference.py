@@ -38,11 +38,10 @@ from loraforge.model.quant import (
     adapter_dtype,
     is_quantized,
     keep_adapter_dtype,
-    optimizer_fallback,
     training_ready,
 )
 from loraforge.run.sftconfig import training_arguments
-from loraforge.run.trainer import StagedCheckpoints, peak_memory_gib
+from loraforge.run.trainer import StagedCheckpoints, fall_back_optimizer, peak_memory_gib, precision_label
 from loraforge.use.infer import answer
 
 log = logging.getLogger("loraforge")
@@ -99,7 +98,6 @@ def reference_kind(recipe) -> str:
 def orpo_loss(chosen_avg, rejected_avg, chosen_nll, beta: float):
     """ORPO's loss from per-token-averaged log-probs (Hong et al. 2024, eqs. 4-7, as trl.experimental.orpo):
     (loss, log sigmoid(log odds ratio) per pair, log odds ratio per pair)."""
-    import torch
     import torch.nn.functional as F
 
     c, r = chosen_avg.float(), rejected_avg.float()
@@ -208,9 +206,10 @@ class PreferenceTrainer(StagedCheckpoints, DPOTrainer):
 def make_trainer(recipe, model, args, tokenizer, train_ds, eval_ds, callbacks):
     """The preference trainer, built as session.build_trainer builds the SFT one; the reference set as the
     recipe says (reference_kind)."""
-    _fall_back_optimizer(args)
+    if args is not None:
+        fall_back_optimizer(args)
     training_ready(model)
-    label = "bf16" if args.bf16 else "fp16" if args.fp16 else "fp32"
+    label = precision_label(args)
     collator = DataCollatorForPreference(pad_token_id=tokenizer.pad_token_id, max_length=args.max_length)
     with keep_adapter_dtype(model, adapter_dtype("4bit" if is_quantized(model) else "none", label)):
         trainer = PreferenceTrainer(model=model, args=args, data_collator=collator, train_dataset=train_ds,
@@ -218,17 +217,6 @@ def make_trainer(recipe, model, args, tokenizer, train_ds, eval_ds, callbacks):
                                     lf_recipe=recipe)
     _set_reference(trainer, recipe)
     return trainer
-
-
-def _fall_back_optimizer(args) -> None:
-    """A bitsandbytes optimizer without a kernel on this device becomes torch's AdamW, with one warning."""
-    if args is None:
-        return
-    optim, note = optimizer_fallback(str(getattr(args.optim, "value", args.optim)),
-                                     "cpu" if args.use_cpu or not torch.cuda.is_available() else "cuda")
-    if note:
-        log.warning(note)
-        args.optim = optim
 
 
 def _set_reference(trainer, recipe) -> None:
@@ -259,7 +247,6 @@ def _scores(trainer, dataset, adapter: str | None | bool):
     """Per pair: (summed log-prob, answer tokens) of chosen and rejected under `adapter`: True = the trained
     adapter, None = adapters disabled, a name = that adapter. Every rank runs the same batches (sharded
     strategies gather in each forward)."""
-    import torch
     from trl.trainer.utils import use_adapter
 
     peft_model = trainer.accelerator.unwrap_model(trainer.model)

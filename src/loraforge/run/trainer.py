@@ -55,7 +55,7 @@ def peak_memory_gib() -> tuple[float, str]:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, "process_rss"  # KiB on Linux
 
 
-def _fall_back_optimizer(targs) -> None:
+def fall_back_optimizer(targs) -> None:
     """A bitsandbytes optimizer without a kernel on this device becomes adamw_torch, with one line."""
     optim, note = optimizer_fallback(str(getattr(targs.optim, "value", targs.optim)),
                                      "cpu" if targs.use_cpu or not torch.cuda.is_available() else "cuda")
@@ -64,7 +64,7 @@ def _fall_back_optimizer(targs) -> None:
         targs.optim = optim
 
 
-def _precision_label(targs) -> str:
+def precision_label(targs) -> str:
     return "bf16" if getattr(targs, "bf16", False) else "fp16" if getattr(targs, "fp16", False) else "fp32"
 
 
@@ -135,11 +135,11 @@ class LoraTrainer(StagedCheckpoints, SFTTrainer):
     def __init__(self, *args, loss_head: str = "fused", rows_per_forward: int | None = None, **kwargs):
         model, targs = kwargs.get("model"), kwargs.get("args")
         if targs is not None:
-            _fall_back_optimizer(targs)
+            fall_back_optimizer(targs)
         if model is not None:
             training_ready(model)
         self.lf_adapter_dtype = adapter_dtype("4bit" if model is not None and is_quantized(model) else "none",
-                                              _precision_label(targs))
+                                              precision_label(targs))
         with keep_adapter_dtype(model, self.lf_adapter_dtype) if model is not None else contextlib.nullcontext():
             super().__init__(*args, **kwargs)  # trl casts a quantized model's adapters to bf16: kept where fp32
         base = self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
