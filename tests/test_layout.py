@@ -14,7 +14,7 @@ modules at its top. The one exception: a module whose own top imports torch/tran
 through another loraforge module: "heavy") may be imported inside the function that needs it, so that
 `loraforge plan` and `--help` never load torch, and a lone process pins its GPU before CUDA starts.
 `loraforge plan` on a config-only directory importing no torch is proved in test_memory_plan.py
-(test_plan_for_70b_is_fast_and_needs_no_torch)."""
+(test_plan_for_70b_needs_no_torch)."""
 
 from __future__ import annotations
 
