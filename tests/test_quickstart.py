@@ -14,14 +14,11 @@ REPO = Path(__file__).resolve().parents[1]
 MAKER = "Tidewell"
 
 
-@pytest.mark.slow
-def test_quickstart_teaches_a_fact_seen_in_answers_to_unseen_questions(tmp_path):
-    heldout = json.loads((REPO / "recipes" / "data" / "identity_heldout.json").read_text())
-    train_users = {
-        json.loads(line)["messages"][0]["content"].strip().lower()
-        for line in (REPO / "recipes" / "data" / "identity.jsonl").read_text().splitlines()
-    }
-    run_dir = tmp_path / "quickstart"
+@pytest.fixture(scope="module")
+def sft_run(tmp_path_factory):
+    """The quickstart, shortened: 24 optimizer steps instead of its 2 epochs, same recipe. Returns (run directory,
+    its stdout); the DPO stage below starts from it, as the demo does."""
+    run_dir = tmp_path_factory.mktemp("qs") / "quickstart"
     cmd = [
         sys.executable, "-m", "loraforge", "quickstart", "--quiet",
         "--set", f"output_dir={run_dir}",
@@ -30,7 +27,18 @@ def test_quickstart_teaches_a_fact_seen_in_answers_to_unseen_questions(tmp_path)
     env = os.environ | {"COLUMNS": "200", "WANDB_MODE": "offline"}
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=1500, env=env)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    assert "base vs fine-tuned" in proc.stdout and "throughput" in proc.stdout and "loraforge export" in proc.stdout
+    return run_dir, proc.stdout
+
+
+@pytest.mark.slow
+def test_quickstart_teaches_a_fact_seen_in_answers_to_unseen_questions(sft_run):
+    heldout = json.loads((REPO / "recipes" / "data" / "identity_heldout.json").read_text())
+    train_users = {
+        json.loads(line)["messages"][0]["content"].strip().lower()
+        for line in (REPO / "recipes" / "data" / "identity.jsonl").read_text().splitlines()
+    }
+    run_dir, stdout = sft_run
+    assert "base vs fine-tuned" in stdout and "throughput" in stdout and "loraforge export" in stdout
 
     samples = json.loads((run_dir / "samples.json").read_text())
     maker_rows = [s for s in samples if s["prompt"] in heldout[:3]]
@@ -67,3 +75,40 @@ def test_quickstart_teaches_a_fact_seen_in_answers_to_unseen_questions(tmp_path)
                    "plots/loss.png"):
         assert needle in card, needle
     assert (run_dir / "plots" / "loss.png").stat().st_size > 1000
+
+
+TERSE = "In short:"
+DPO_STEPS = 6  # of the full demo's 16 (3 epochs of 42 pairs at a global batch of 8)
+
+
+@pytest.mark.slow
+def test_dpo_after_the_quickstart_teaches_the_preferred_style_on_unseen_prompts(sft_run, tmp_path):
+    """The demo's second stage (recipes/quickstart-dpo.yaml), shortened: DPO from the SFT run's adapter on the
+    shipped pairs. The held-out pairs' chosen answers gain log-probability against the rejected ones, and answers to
+    prompts in no pair take the chosen style ("In short: ...") more often than the SFT model's."""
+    sft_dir, _ = sft_run
+    run_dir = tmp_path / "dpo"
+    cmd = [
+        sys.executable, "-m", "loraforge", "train", str(REPO / "recipes" / "quickstart-dpo.yaml"), "--quiet",
+        "--set", f"model.adapter_from={sft_dir}", "--set", f"output_dir={run_dir}",
+        "--set", f"training.max_steps={DPO_STEPS}",
+    ]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=1500,
+                          env=os.environ | {"COLUMNS": "200", "WANDB_MODE": "offline"})
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "chosen preferred" in proc.stdout and "start (adapter_from)" in proc.stdout  # the summary says both
+
+    report = json.loads((run_dir / "preference.json").read_text())
+    assert report["scored_on"] == "held-out pairs" and report["reference"] == "start adapter (frozen copy)"
+    before, after = report["before"], report["after"]
+    assert after["mean_logp_margin"] > before["mean_logp_margin"] + 0.1, report
+    assert after["chosen_preferred"] >= before["chosen_preferred"] and after["reward_accuracy"] >= 0.8, report
+
+    pair_prompts = {json.loads(line)["prompt"] for line in
+                    (REPO / "recipes" / "data" / "concise_pairs.jsonl").read_text().splitlines()}
+    samples = json.loads((run_dir / "samples.json").read_text())
+    start = {r["prompt"]: r["start"] for r in report["start_answers"]}
+    assert samples and all(r["prompt"] not in pair_prompts for r in samples)  # really unseen
+    terse_sft = sum(start[r["prompt"]].startswith(TERSE) for r in samples)
+    terse_dpo = sum(r["fine_tuned"].startswith(TERSE) for r in samples)
+    assert terse_dpo > terse_sft, samples

@@ -213,11 +213,9 @@ def prepare_preference(recipe, hw, check_adapter: bool = True):
 
     rule = {"max_seq_length": plan.max_seq_length, "max_prompt_length": max_prompt,
             "prompt_keeps": "end", "answers_keep": "start"}
-    prep = Prepared(plan, tokenizer, to_ds(out["train"]), to_ds(out["eval"]) if out["eval"] else None, model_dir,
-                    lengths, (stats["answers_truncated"], 0.0), shape)
     summary = stats | {"truncation": rule, "eval_pairs": len(out["eval"])}
-    prep.data_summary = lambda: Prepared.data_summary(prep) | {"preference": summary}  # plan.json "data"
-    return prep
+    return Prepared(plan, tokenizer, to_ds(out["train"]), to_ds(out["eval"]) if out["eval"] else None, model_dir,
+                    lengths, (stats["answers_truncated"], 0.0), shape, extra_summary={"preference": summary})
 
 
 def _rendered_pairs(recipe, tokenizer) -> list[tuple[bool, dict]]:

@@ -30,9 +30,10 @@ class Prepared:
     lengths: list[int]
     truncated: tuple[int, float]
     shape: object = None  # memory.ModelShape, None for an architecture the memory model does not know
+    extra_summary: dict | None = None  # what a preference run adds to plan.json's "data" (data/pairs.py)
 
     def data_summary(self) -> dict:
-        return {
+        return (self.extra_summary or {}) | {
             "train_examples": len(self.lengths),
             "eval_examples": len(self.eval_ds) if self.eval_ds is not None else 0,
             "longest_sample_tokens": max(self.lengths),
