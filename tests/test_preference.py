@@ -155,11 +155,12 @@ def pair_records() -> list[dict]:
             for i, (q, a) in enumerate(CHATS)] * 2
 
 
-def _pref_recipe(tmp: Path, model_dir: Path, name: str, model=None, **training) -> Path:
+def _pref_recipe(tmp: Path, model_dir: Path, name: str, model=None, sections=None, **training) -> Path:
     data = tmp / "pairs.jsonl"
     if not data.exists():
         write_jsonl(data, pair_records())
-    d = recipe_dict(model_dir, data, tmp / name, training={"method": "dpo", "max_steps": 8, **training})
+    d = recipe_dict(model_dir, data, tmp / name, training={"method": "dpo", "max_steps": 8, **training},
+                    **(sections or {}))
     if model:
         d["model"].update(model)
     path = tmp / f"{name}.yaml"
@@ -219,6 +220,43 @@ def test_preference_run_learns_the_preference(tmp_path, tiny_model_dir, method):
     assert scored.examples == 16
     if method == "orpo":  # ORPO's loss includes the chosen answers' NLL (DPO's need not lower it)
         assert scored.fine_tuned.loss < scored.base.loss
+
+
+def test_qlora_dpo_trains_over_a_4bit_base_and_merges_into_the_full_precision_base(tmp_path, tiny_model_dir,
+                                                                                     monkeypatch):
+    """DPO over an NF4 base (QLoRA), as on a 12 GB card: the base really is bitsandbytes' 4-bit layers while it
+    trains, the adapters stay in the plan's dtype, the preference is learnt, and merge reloads the base in full
+    precision (never dequantized-then-merged)."""
+    bnb = pytest.importorskip("bitsandbytes")
+    import torch
+
+    from loraforge.run import preference
+    from loraforge.use.infer import load_for_inference, merge
+
+    seen, original = {}, preference.add_adapter
+
+    def spy(model, *a, **k):
+        out = original(model, *a, **k)
+        seen["model"] = out[0]
+        return out
+
+    monkeypatch.setattr(preference, "add_adapter", spy)
+    _train(_pref_recipe(tmp_path, tiny_model_dir, "q", sections={"quantization": {"mode": "4bit"}},
+                        learning_rate=5e-3))
+    run_dir = tmp_path / "q"
+    rows = [m for m in _metrics(run_dir) if "loss" in m]
+    assert sum(m["loss"] for m in rows[-2:]) < sum(m["loss"] for m in rows[:2])
+    report = json.loads((run_dir / "preference.json").read_text())
+    assert report["after"]["mean_logp_margin"] > report["before"]["mean_logp_margin"]
+    model = seen["model"]
+    layers = [m for n, m in model.named_modules() if n.endswith(".base_layer")]
+    assert layers and all(type(m) is bnb.nn.Linear4bit and m.weight.dtype == torch.uint8 for m in layers)
+    assert {p.dtype for p in model.parameters() if p.requires_grad} == {torch.float32}  # the CPU plan's dtype
+    assert load_recipe(run_dir / "recipe.yaml").quantization.mode == "4bit"  # what eval / chat reload
+    reloaded, _ = load_for_inference(run_dir)  # eval / chat / generate: the base as the run trained it
+    assert type(reloaded.get_base_model().model.layers[0].self_attn.q_proj.base_layer) is bnb.nn.Linear4bit
+    merged = merge(run_dir, tmp_path / "merged")
+    assert "quantization_config" not in json.loads((merged / "config.json").read_text())
 
 
 def test_dpo_from_an_sft_run_uses_its_adapter_and_a_frozen_copy_as_reference(tmp_path, tiny_model_dir, sft_run):
