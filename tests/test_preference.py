@@ -259,6 +259,34 @@ def test_qlora_dpo_trains_over_a_4bit_base_and_merges_into_the_full_precision_ba
     assert "quantization_config" not in json.loads((merged / "config.json").read_text())
 
 
+@pytest.mark.parametrize("precompute", [False, True])
+def test_oom_preflight_probes_the_preference_step_and_keeps_the_global_batch(tmp_path, tiny_model_dir, monkeypatch,
+                                                                              precompute):
+    """The GPU OOM pre-flight (run/memguard.py) runs the preference step itself: micro-batch pairs as two rows
+    each through trl's loss (with the reference forward, or the precomputed reference log-probs). A simulated OOM
+    at 2 pairs or more shrinks the micro-batch to 1 with the global batch kept, and the run trains."""
+    from loraforge.run import preference
+
+    probed = []
+    original = preference.PreferenceTrainer.lf_probe
+
+    def spy(self, micro, seq, *a):
+        probed.append((micro, seq))
+        return original(self, micro, seq, *a)
+
+    monkeypatch.setattr(preference.PreferenceTrainer, "lf_probe", spy)
+    monkeypatch.setenv("LORAFORGE_SIMULATE_OOM", "min_micro_batch=2")
+    res = _train(_pref_recipe(tmp_path, tiny_model_dir, "oom", sections={"preference": {
+        "precompute_reference": precompute}}, max_steps=2, global_batch_size=8, micro_batch_size=4))
+    plan = json.loads((tmp_path / "oom" / "plan.json").read_text())
+    assert [m for m, _ in probed] == [4, 2, 1] and {s for _, s in probed} == {plan["max_seq_length"]}
+    assert [a["out_of_memory"] for a in plan["oom_guard"]["attempts"]] == [True, True, False]
+    assert (plan["micro_batch_size"], plan["gradient_accumulation_steps"], plan["global_batch_size"]) == (1, 8, 8)
+    assert res.steps == 2
+    logged = [m for m in _metrics(tmp_path / "oom") if "loss" in m]
+    assert logged and all(m["rewards/accuracies"] <= 1 for m in logged)  # the probe's metrics were not logged
+
+
 def test_dpo_from_an_sft_run_uses_its_adapter_and_a_frozen_copy_as_reference(tmp_path, tiny_model_dir, sft_run):
     import torch
     from safetensors.torch import load_file

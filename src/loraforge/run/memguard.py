@@ -115,6 +115,9 @@ def _probe(trainer, micro: int, seq: int, vocab: int, pad_id: int, checkpointing
         base.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     device = next(p.device for p in model.parameters())
     reserve = torch.empty(reserve_bytes, dtype=torch.uint8, device=device) if reserve_bytes else None  # noqa: F841
+    if hasattr(trainer, "lf_probe"):  # the preference step (run/preference.py): two sequences a pair, its own loss
+        trainer.lf_probe(micro, seq, vocab, pad_id, device)
+        return
     g = torch.Generator().manual_seed(0)
     ids = torch.randint(0, vocab, (micro, seq), generator=g).to(device)
     mask = torch.ones_like(ids)
@@ -127,9 +130,10 @@ def _probe(trainer, micro: int, seq: int, vocab: int, pad_id: int, checkpointing
     out.loss.backward()
 
 
-def _install_simulated_oom(model, rank: int) -> None:
+def _install_simulated_oom(model, rank: int, rows_per_sample: int = 1) -> None:
     """With LORAFORGE_SIMULATE_OOM, this rank's training forward raises OOM for micro-batches at or above the
-    threshold: in the pre-flight, and in the real training steps too (so a guard that did not take effect shows)."""
+    threshold: in the pre-flight, and in the real training steps too (so a guard that did not take effect shows).
+    A preference step's forward holds two rows (chosen, rejected) per sample of the micro-batch."""
     import torch
 
     at = _simulated(rank)
@@ -138,8 +142,9 @@ def _install_simulated_oom(model, rank: int) -> None:
 
     def hook(module, args, kwargs):
         ids = kwargs.get("input_ids", args[0] if args else None)
-        if module.training and torch.is_grad_enabled() and ids is not None and ids.shape[0] >= at:
-            raise torch.OutOfMemoryError(f"simulated out of memory on rank {rank} at micro-batch {ids.shape[0]}")
+        micro = None if ids is None else ids.shape[0] // rows_per_sample
+        if module.training and torch.is_grad_enabled() and micro is not None and micro >= at:
+            raise torch.OutOfMemoryError(f"simulated out of memory on rank {rank} at micro-batch {micro}")
 
     model.register_forward_pre_hook(hook, with_kwargs=True)
     model._loraforge_simulated_oom = True
@@ -163,7 +168,7 @@ def preflight(trainer, plan, hw, pad_id: int | None, run_dir: Path | None = None
         return plan
     if plan.strategy not in ("single", "ddp"):
         return plan
-    _install_simulated_oom(trainer.model, hw.rank)
+    _install_simulated_oom(trainer.model, hw.rank, 2 if hasattr(trainer, "lf_probe") else 1)
     micro, attempts = _largest_micro_batch_that_fits(trainer, plan, hw, 0 if pad_id is None else pad_id)
     if micro == plan.batch.micro_batch_size:
         return plan

@@ -193,6 +193,29 @@ class PreferenceTrainer(StagedCheckpoints, DPOTrainer):
         finally:
             del peft_model.save_pretrained
 
+    def lf_probe(self, micro: int, seq: int, vocab: int, pad_id: int, device) -> None:
+        """The OOM pre-flight's step (run/memguard.py) as this trainer runs it: `micro` pairs whose prompt +
+        chosen and prompt + rejected are `seq` tokens each, through trl's own loss (the reference forward
+        included unless precomputed), then backward. What it logs is dropped: no training step ran."""
+        g = torch.Generator().manual_seed(0)
+        prompt, answer = seq // 2, seq - seq // 2
+
+        def ids(n):
+            return torch.randint(0, vocab, (n,), generator=g).tolist()
+
+        pairs = [{"prompt_ids": ids(prompt), "chosen_ids": ids(answer), "rejected_ids": ids(answer)}
+                 for _ in range(micro)]
+        if self.precompute_ref_logps:
+            pairs = [p | {"ref_chosen_logps": 0.0, "ref_rejected_logps": 0.0} for p in pairs]
+        batch = {k: v.to(device) for k, v in self.data_collator(pairs).items()}
+        tokens = self._total_train_tokens
+        with self.compute_loss_context_manager():
+            loss = self.compute_loss(self.model, batch)
+        loss.backward()
+        self._total_train_tokens = tokens
+        for metrics in self._metrics.values():
+            metrics.clear()
+
     def create_model_card(self, *a, **k):  # card.py writes the run's README
         return None
 
