@@ -103,7 +103,9 @@ def _phase_per_forward(model, live: LiveBytes) -> None:
 def _trainer_stand_in(model, setup: TrainSetup):
     """The attributes of DPOTrainer / PreferenceTrainer that their loss functions read, as loraforge's
     run/preference.training_args sets them (sigmoid loss, reverse KL, no length-desensitising, no WPO)."""
-    same = lambda x: x  # noqa: E731  one process: gathering is the identity
+    def same(x):  # one process: gathering is the identity
+        return x
+
     accelerator = SimpleNamespace(device="cpu", unwrap_model=same, gather=same, gather_for_metrics=same)
     return SimpleNamespace(
         model=model, ref_model=None, accelerator=accelerator, beta=0.1, label_smoothing=0.0,
