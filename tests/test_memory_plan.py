@@ -341,6 +341,26 @@ def test_preference_step_needs_more_than_sft_and_the_solver_keeps_the_global_bat
     assert two.fits and two.gradient_checkpointing and two.batch.global_batch_size == 32
 
 
+@pytest.mark.parametrize("method, preference, adapter_from, expect", [
+    ("sft", None, None, {}),
+    ("dpo", None, None, {"objective": "dpo", "reference": "per_step", "ref_adapter": False}),  # fresh: base
+    ("dpo", None, "runs/sft", {"objective": "dpo", "reference": "per_step", "ref_adapter": True}),  # start
+    ("dpo", {"reference": "base", "precompute_reference": True}, "runs/sft",
+     {"objective": "dpo", "reference": "precomputed", "ref_adapter": False}),
+    ("orpo", None, "runs/sft", {"objective": "orpo", "reference": "none", "ref_adapter": True}),  # kept to report
+])
+def test_the_recipe_says_which_preference_step_is_planned(tmp_path, method, preference, adapter_from, expect):
+    from loraforge.plan.planner import preference_setup
+    from loraforge.recipe import recipe_from_dict
+
+    d = recipe_dict(tmp_path, tmp_path / "d.jsonl", tmp_path / "run", training={"method": method})
+    if preference:
+        d["preference"] = preference
+    if adapter_from:
+        d["model"]["adapter_from"] = adapter_from
+    assert preference_setup(recipe_from_dict(d)) == expect
+
+
 def test_plan_shows_the_preference_step(tmp_path):
     """`loraforge plan` of a DPO recipe: the step's memory (reference adapter and forward in the breakdown, one
     note saying two sequences per pair + the reference forward), more than the SFT plan at the same
