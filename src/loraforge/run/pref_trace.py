@@ -95,7 +95,6 @@ def _phase_per_forward(model, live: LiveBytes) -> None:
     def phase(_module, _args):
         if live.phase in ("activations", "reference"):
             live.phase = "activations" if torch.is_grad_enabled() else "reference"
-            live.reference_start = live.total if live.phase == "reference" else None
 
     model.register_forward_pre_hook(phase)
 
