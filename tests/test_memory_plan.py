@@ -290,6 +290,114 @@ def test_analytic_model_is_within_10_percent_of_the_trace_and_never_under(arch, 
     assert traced.at_peak["weights"] > 0 and traced.at_peak["lora_params"] > 0
 
 
+PREFERENCE_CASES = [  # arch, objective, reference, "ref" adapter, quant, checkpointing, pairs, seq, precision
+    ("llama", "dpo", "per_step", False, "none", False, 1, 1024, "bf16"),
+    ("llama", "dpo", "precomputed", False, "none", True, 2, 512, "bf16"),
+    ("llama", "orpo", "none", False, "4bit", False, 2, 512, "bf16"),
+    ("qwen2", "dpo", "per_step", True, "4bit", True, 1, 1024, "bf16"),
+    ("qwen2", "dpo", "per_step", False, "none", False, 1, 1024, "fp32"),
+    ("qwen2", "orpo", "none", False, "none", True, 2, 512, "fp32"),
+]
+
+
+@pytest.mark.parametrize("arch, objective, reference, ref_adapter, quant, gc, pairs, seq, precision", PREFERENCE_CASES)
+def test_preference_step_is_within_10_percent_of_the_trace_and_never_under(arch, objective, reference, ref_adapter,
+                                                                          quant, gc, pairs, seq, precision):
+    """The DPO / ORPO step as trl's DPOTrainer runs it (run/pref_trace.py: trl's own _compute_loss, loraforge's
+    ORPO loss) against the analytic preference step."""
+    from loraforge.run.pref_trace import trace_preference_step
+
+    setup = TrainSetup(micro_batch=pairs, seq_len=seq, gradient_checkpointing=gc, quant=quant, precision=precision,
+                       objective=objective, reference=reference, ref_adapter=ref_adapter)
+    traced = trace_preference_step(SMALL[arch], setup)
+    analytic = estimate(SMALL[arch], setup)
+    assert 1.0 <= analytic.tensor_peak / traced.peak_bytes <= 1.10, (analytic.tensor_peak / GIB, traced.to_dict())
+    # the reference forward runs (no grad) in the step only when it is not precomputed
+    assert ("reference" in traced.phase_peaks) == (reference == "per_step")
+    assert (analytic.breakdown["reference_adapter"] > 0) == ref_adapter
+
+
+def test_preference_step_needs_more_than_sft_and_the_solver_keeps_the_global_batch():
+    s = shape("qwen2.5-0.5b-instruct")
+    sft = TrainSetup(micro_batch=2, seq_len=2048, gradient_checkpointing=False)
+    dpo = sft.with_(objective="dpo", reference="per_step")
+    e = lambda setup: estimate(s, setup)  # noqa: E731
+    # two sequences per pair: more than SFT's micro-batch, what SFT needs for twice the rows without dropout
+    assert e(dpo).peak > 1.5 * e(sft).peak
+    assert e(dpo.with_(reference="precomputed")).tensor_peak == e(sft.with_(micro_batch=4, lora_dropout=0.0)).tensor_peak
+    assert e(dpo.with_(objective="orpo", reference="none")).peak < e(dpo).peak  # no reference forward
+    ref = e(dpo.with_(ref_adapter=True)).breakdown["reference_adapter"]
+    assert ref == s.lora_params(16, "all-linear") * 4  # one more (fp32) adapter, never a base copy
+    # where SFT fits micro-batch 4 without checkpointing, DPO takes a smaller micro-batch, same global batch
+    budget = e(sft.with_(micro_batch=4)).peak_gib + 0.1
+    one, two = solve(s, sft, 32, budget), solve(s, dpo, 32, budget)
+    assert (one.batch.micro_batch_size, one.gradient_checkpointing) == (4, False)
+    assert two.fits and two.batch.micro_batch_size < 4 and not two.gradient_checkpointing
+    assert two.batch.global_batch_size == one.batch.global_batch_size == 32 and two.estimate.peak_gib <= budget
+    # and where SFT fits one sequence without checkpointing, one pair needs it
+    budget = e(sft.with_(micro_batch=1)).peak_gib + 0.1
+    one, two = solve(s, sft, 32, budget), solve(s, dpo, 32, budget)
+    assert (one.batch.micro_batch_size, one.gradient_checkpointing) == (1, False)
+    assert two.fits and two.gradient_checkpointing and two.batch.global_batch_size == 32
+
+
+@pytest.mark.parametrize("method, preference, adapter_from, expect", [
+    ("sft", None, None, {}),
+    ("dpo", None, None, {"objective": "dpo", "reference": "per_step", "ref_adapter": False}),  # fresh: base
+    ("dpo", None, "runs/sft", {"objective": "dpo", "reference": "per_step", "ref_adapter": True}),  # start
+    ("dpo", {"reference": "base", "precompute_reference": True}, "runs/sft",
+     {"objective": "dpo", "reference": "precomputed", "ref_adapter": False}),
+    ("orpo", None, "runs/sft", {"objective": "orpo", "reference": "none", "ref_adapter": True}),  # kept to report
+])
+def test_the_recipe_says_which_preference_step_is_planned(tmp_path, method, preference, adapter_from, expect):
+    from loraforge.plan.planner import preference_setup
+    from loraforge.recipe import recipe_from_dict
+
+    d = recipe_dict(tmp_path, tmp_path / "d.jsonl", tmp_path / "run", training={"method": method})
+    if preference:
+        d["preference"] = preference
+    if adapter_from:
+        d["model"]["adapter_from"] = adapter_from
+    assert preference_setup(recipe_from_dict(d)) == expect
+
+
+def test_plan_shows_the_preference_step(tmp_path):
+    """`loraforge plan` of a DPO recipe: the step's memory (reference adapter and forward in the breakdown, one
+    note saying two sequences per pair + the reference forward), more than the SFT plan at the same
+    micro-batch, a smaller micro-batch for the same global batch, and --trace traces the DPO step."""
+    sft_path = _config_recipe(tmp_path, "qwen2.5-0.5b-instruct", "qwen2.5-0.5b-lora")
+    d = yaml.safe_load(sft_path.read_text())
+    d["training"]["method"] = "dpo"
+    dpo_path = tmp_path / "dpo.yaml"
+    dpo_path.write_text(yaml.safe_dump(d))
+
+    def plan(path, *extra):
+        result = runner.invoke(app, ["plan", str(path), "--hardware", "rtx4090-24gb", "--json", *extra])
+        assert result.exit_code == 0, result.output
+        return json.loads(result.output)
+
+    sft, dpo = plan(sft_path), plan(dpo_path)
+    assert dpo["global_batch_size"] == sft["global_batch_size"] == 32
+    assert dpo["micro_batch_size"] < sft["micro_batch_size"] and dpo["fits"]
+    assert {"reference_adapter", "reference_forward"} <= set(dpo["breakdown"]) and "reference_forward" not in sft["breakdown"]
+    assert sum(dpo["breakdown"].values()) == pytest.approx(dpo["predicted_peak_gib"], abs=0.01)
+    line = [n for n in dpo["notes"] if n.startswith("memory model: dpo step")]
+    assert len(line) == 1 and "two sequences per pair" in line[0] and "reference forward" in line[0]
+    fixed = ("--set", "training.micro_batch_size=2")
+    assert plan(dpo_path, *fixed)["predicted_peak_gib"] > plan(sft_path, *fixed)["predicted_peak_gib"]
+    table = runner.invoke(app, ["plan", str(dpo_path), "--hardware", "rtx4090-24gb"])
+    assert table.exit_code == 0 and "reference forward" in table.output and "two sequences per pair" in table.output
+    cfg = tmp_path / "tiny-config"
+    cfg.mkdir()
+    (cfg / "config.json").write_text(json.dumps(SMALL["llama"].config_kwargs() | {"model_type": "llama"}))
+    tiny = recipe_dict(cfg, tmp_path / "none.jsonl", tmp_path / "run", training={"method": "dpo", "device": "auto",
+                                                                                    "global_batch_size": 2})
+    tiny["data"]["max_seq_length"] = 512
+    (tmp_path / "tiny.yaml").write_text(yaml.safe_dump(tiny))
+    t = plan(tmp_path / "tiny.yaml", "--trace")["trace"]
+    assert 1.0 <= t["analytic_over_trace"] <= 1.10 and "reference" in t["phase_peaks_gib"]
+
+
 def test_trace_does_what_cuda_does():
     """The trace's CUDA corrections are visible: a bool dropout mask (not a full-width noise tensor), a padding
     mask only with several sequences, and the weight bitsandbytes dequantises above 1536 tokens."""

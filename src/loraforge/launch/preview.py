@@ -19,6 +19,7 @@ from loraforge.plan.memory import estimate, read_model_config, shape_from_config
 from loraforge.plan.planner import Plan, make_plan, setup_for, unfit_message
 from loraforge.plan.profiles import hardware_for
 from loraforge.plan.strategy import STRATEGIES, choose_strategy
+from loraforge.run.pref_trace import trace_preference_step
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
 
@@ -134,7 +135,8 @@ def plan_launch(recipe, strategy: str, per_node: int | None, nodes: int, hardwar
 
 
 def run_trace(recipe, hw, plan, shape) -> dict:
-    """One traced step (FakeTensorMode) of the plan's setting, beside the analytic tensor peak."""
+    """One traced step (FakeTensorMode) of the plan's setting (SFT, or the DPO / ORPO step), beside the analytic
+    tensor peak."""
     if shape is None:
         raise UserError("--trace: the memory model does not know this architecture")
     setup = setup_for(recipe, plan.precision, hw, "single", plan.max_seq_length).with_(
@@ -148,7 +150,7 @@ def run_trace(recipe, hw, plan, shape) -> dict:
     if setup.optimizer not in ("adamw_torch", "adamw_torch_fused"):  # the trace steps torch's AdamW
         notes.append(f"traced and compared with adamw_torch in place of {setup.optimizer}")
         setup = setup.with_(optimizer="adamw_torch")
-    result = trace_step(shape, setup)
+    result = (trace_preference_step if setup.preference else trace_step)(shape, setup)
     analytic = estimate(shape, setup).tensor_peak
     return result.to_dict() | {"analytic_tensor_peak_gib": round(analytic / 2**30, 4),
                                "analytic_over_trace": round(analytic / result.peak_bytes, 4), "notes": notes}

@@ -18,6 +18,7 @@ import contextlib
 import logging
 
 from loraforge.errors import UserError
+from loraforge.recipe import MUTATING_INITS  # noqa: F401  (defined beside lora.init; imported from here too)
 
 log = logging.getLogger("loraforge")
 
@@ -199,9 +200,6 @@ def full_precision_bytes(model_dir: str) -> int | None:
     return total * 4
 
 
-# Initialisations that move part of the base weight into the adapter (W_res = W - B0 A0): the final adapter
-# is saved converted to a plain LoRA over the original base (peft's path_initial_model_for_weight_conversion).
-MUTATING_INITS = ("olora", "pissa")
 
 
 def check_lora_init(init: str, quantized: bool) -> None:

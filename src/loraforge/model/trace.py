@@ -43,7 +43,8 @@ from loraforge.recipe import LoraSection
 GIB = 2**30
 _CUDA_BLOCK = 512  # the CUDA caching allocator's smallest block; every allocation is rounded up to it
 
-CATEGORIES = ("weights", "quant_state", "lora_params", "gradients", "optimizer", "activations", "backward", "optimizer_step")
+CATEGORIES = ("weights", "quant_state", "lora_params", "gradients", "optimizer", "activations", "reference", "backward",
+              "optimizer_step")
 
 
 @dataclass
@@ -67,7 +68,7 @@ class TraceResult:
         }
 
 
-class _LiveBytes:
+class LiveBytes:
     """Live tensor bytes by category, from creation (dispatch) to death (storage weakref callback)."""
 
     def __init__(self):
@@ -121,7 +122,7 @@ class _LiveBytes:
                 self.at_peak[self.phase] += transient
 
 
-def _dispatch_mode(live: _LiveBytes, fourbit_min_tokens: int):
+def _dispatch_mode(live: LiveBytes, fourbit_min_tokens: int):
     import torch
     from torch.utils._python_dispatch import TorchDispatchMode
     from torch.utils._pytree import tree_flatten
@@ -228,7 +229,7 @@ def _to_4bit(model, compute_dtype, double_quant: bool) -> None:
     model.config.quantization_config = {"load_in_4bit": True, "quant_method": "bitsandbytes"}
 
 
-def _fake_parameters(model, fake_mode, live: _LiveBytes, double_quant: bool) -> None:
+def _fake_parameters(model, fake_mode, live: LiveBytes, double_quant: bool) -> None:
     """Swap every meta parameter / buffer for a fake CPU tensor (memoised, so tied weights stay tied)."""
     import torch
     from bitsandbytes import functional as bnbf
@@ -288,27 +289,66 @@ def build_config(shape: ModelShape):
 
 def trace_step(shape: ModelShape, setup: TrainSetup, steps: int = 2) -> TraceResult:
     """Peak live tensor bytes of `steps` optimizer steps of `setup` on the architecture `shape`."""
+    check_traceable(setup)
+    t0 = time.time()
+    live = LiveBytes()
+    model = _trainer_model(shape, setup, torch_dtype(setup))
+    fake_mode, trainable, optimizer = fake_training_state(model, setup, live)
+    batch = _fake_batch(setup, fake_mode, live)
+    _run_steps(model, optimizer, trainable, batch, setup, fake_mode, live, steps)
+    del model, optimizer
+    return TraceResult(live.peak, live.at_peak, dict(live.phase_peaks), time.time() - t0)
+
+
+def torch_dtype(setup: TrainSetup):
     import torch
+
+    return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[setup.precision]
+
+
+def fake_training_state(model, setup: TrainSetup, live: LiveBytes):
+    """Every parameter of `model` swapped for a fake CPU tensor, gradients counted as they accumulate, torch's
+    AdamW over the trainable ones: (fake mode, trainable parameters, optimizer)."""
     from torch._subclasses.fake_tensor import FakeTensorMode
 
-    _check_traceable(setup)
-    t0 = time.time()
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[setup.precision]
-    live = _LiveBytes()
-    model = _trainer_model(shape, setup, dtype)
     fake_mode = FakeTensorMode(allow_non_fake_inputs=True)
     _fake_parameters(model, fake_mode, live, setup.double_quant)
     trainable = [p for p in model.parameters() if p.requires_grad]
     for p in trainable:
         p.register_post_accumulate_grad_hook(lambda p: live.track(p.grad, "gradients"))
-    batch = _fake_batch(setup, fake_mode, live)
-    optimizer = _adamw(setup, trainable, fake_mode)
-    _run_steps(model, optimizer, trainable, batch, setup, dtype, fake_mode, live, steps)
-    del model, optimizer
-    return TraceResult(live.peak, live.at_peak, dict(live.phase_peaks), time.time() - t0)
+    return fake_mode, trainable, _adamw(setup, trainable, fake_mode)
 
 
-def _check_traceable(setup: TrainSetup) -> None:
+@contextlib.contextmanager
+def cuda_like(setup: TrainSetup, fake_mode, live: LiveBytes):
+    """The fake mode, the counting dispatch mode and the trace's CUDA corrections (module docstring)."""
+    mode = _dispatch_mode(live, fourbit_min_tokens=1536)
+    with fake_mode, mode, _cuda_like_dropout(), _cuda_like_fused_head(), _real_run_masks(setup.packing):
+        yield
+
+
+def autocast(setup: TrainSetup):
+    """The trainer's autocast (bf16 / fp16), or none for fp32."""
+    import torch
+
+    return torch.autocast("cpu", dtype=torch_dtype(setup)) if setup.precision != "fp32" else contextlib.nullcontext()
+
+
+def optimizer_step(optimizer, trainable: list, live: LiveBytes) -> None:
+    """Gradient clipping and AdamW as the trainer runs them; the optimizer state counted once it exists."""
+    import torch
+
+    live.phase = "optimizer_step"
+    torch.nn.utils.clip_grad_norm_(trainable, 1.0, foreach=True)
+    optimizer.step()
+    for state in optimizer.state.values():
+        for v in state.values():
+            if isinstance(v, torch.Tensor):
+                live.track(v, "optimizer")
+    optimizer.zero_grad(set_to_none=True)
+
+
+def check_traceable(setup: TrainSetup) -> None:
     if setup.world_size != 1 or setup.strategy not in ("single", "ddp"):
         raise ValueError("the trace runs one process; trace a single-device setup")
     if setup.quant == "8bit":
@@ -317,12 +357,11 @@ def _check_traceable(setup: TrainSetup) -> None:
         raise ValueError("the trace steps torch's AdamW (adamw_torch / adamw_torch_fused)")
 
 
-def _trainer_model(shape: ModelShape, setup: TrainSetup, dtype):
-    """The model as the trainer trains it, on the meta device: the architecture (4-bit linears for QLoRA), LoRA
-    added by the trainer's own code, then what trl's SFTTrainer and transformers' Trainer do to it."""
+def lora_model(shape: ModelShape, setup: TrainSetup, dtype):
+    """The model the trainer is given, on the meta device: the architecture (4-bit linears for QLoRA) and LoRA
+    added by the trainer's own code (prepare_model_for_kbit_training for QLoRA + get_peft_model)."""
     import torch
     from transformers import AutoModelForCausalLM
-    from trl.trainer.utils import add_fused_lm_head
 
     config = build_config(shape)
     with torch.device("meta"):
@@ -331,24 +370,36 @@ def _trainer_model(shape: ModelShape, setup: TrainSetup, dtype):
         model.config.use_cache = False
         if setup.quant == "4bit":
             _to_4bit(model, dtype, setup.double_quant)
-        # The trainer's own code: prepare_model_for_kbit_training (QLoRA) + get_peft_model
         model, _, _ = add_lora(model, _lora_for(setup), setup.quant, setup.gradient_checkpointing)
-    # What SFTTrainer does to the PeftModel it is given (trl 1.16, sft_trainer.py)
+    return model
+
+
+def trl_ready(model, setup: TrainSetup, head_outputs: tuple[str, ...]):
+    """What trl's trainers (SFTTrainer, DPOTrainer: trl 1.16) and transformers' Trainer do to the PeftModel they
+    are given: input gradients for checkpointing, QLoRA adapters in bf16 where the run trains in bf16, the fused
+    LM head with `head_outputs`, activation checkpointing, train mode."""
+    import torch
+    from trl.trainer.utils import add_fused_lm_head
+
     if setup.gradient_checkpointing:
         model.enable_input_require_grads()
-
     if adapter_dtype(setup.quant, setup.precision) == "bfloat16":  # trl's cast, kept where the run trains in bf16
         for name, p in model.named_parameters():
             if p.requires_grad and "lora_magnitude_vector" not in name:
                 p.data = p.data.to(torch.bfloat16)
-    add_fused_lm_head(model.get_base_model(), outputs=("log_probs", "entropy", "is_top1"))
+    add_fused_lm_head(model.get_base_model(), outputs=head_outputs)
     if setup.gradient_checkpointing:  # what Trainer does with activation_checkpointing=True
         model.get_base_model().activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     model.train()
     return model
 
 
-def _fake_batch(setup: TrainSetup, fake_mode, live: _LiveBytes) -> tuple:
+def _trainer_model(shape: ModelShape, setup: TrainSetup, dtype):
+    """The model as the SFT trainer trains it (trl 1.16, sft_trainer.py)."""
+    return trl_ready(lora_model(shape, setup, dtype), setup, ("log_probs", "entropy", "is_top1"))
+
+
+def _fake_batch(setup: TrainSetup, fake_mode, live: LiveBytes) -> tuple:
     """(input ids, labels, attention mask or None) of one micro-batch, as fake tensors counted as activations."""
     import torch
 
@@ -375,31 +426,19 @@ def _adamw(setup: TrainSetup, trainable: list, fake_mode):
         return torch.optim.AdamW(trainable, **opt_kwargs)
 
 
-def _run_steps(model, optimizer, trainable: list, batch: tuple, setup: TrainSetup, dtype, fake_mode,
-               live: _LiveBytes, steps: int) -> None:
+def _run_steps(model, optimizer, trainable: list, batch: tuple, setup: TrainSetup, fake_mode, live: LiveBytes,
+               steps: int) -> None:
     """`steps` optimizer steps as the trainer runs them (autocast forward with trl's fused head, backward, gradient
     clipping, AdamW), every storage counted by phase; the optimizer state is counted once it exists."""
-    import torch
-
     input_ids, labels, mask = batch
-    autocast = setup.precision != "fp32"
-    mode = _dispatch_mode(live, fourbit_min_tokens=1536)
-    with fake_mode, mode, _cuda_like_dropout(), _cuda_like_fused_head(), _real_run_masks(setup.packing):
+    with cuda_like(setup, fake_mode, live):
         for _ in range(steps):
             live.phase = "activations"
-            ctx = torch.autocast("cpu", dtype=dtype) if autocast else contextlib.nullcontext()
-            with ctx:
+            with autocast(setup):
                 out = model(input_ids=input_ids, labels=labels, attention_mask=mask, fused_lm_head=True)
             loss = out.loss
             del out
             live.phase = "backward"
             loss.backward()
             del loss
-            live.phase = "optimizer_step"
-            torch.nn.utils.clip_grad_norm_(trainable, 1.0, foreach=True)
-            optimizer.step()
-            for state in optimizer.state.values():
-                for v in state.values():
-                    if isinstance(v, torch.Tensor):
-                        live.track(v, "optimizer")
-            optimizer.zero_grad(set_to_none=True)
+            optimizer_step(optimizer, trainable, live)

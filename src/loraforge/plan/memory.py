@@ -199,11 +199,26 @@ class TrainSetup:
     packing: bool = False
     world_size: int = 1
     strategy: str = "single"
+    # The training objective: sft, or a preference step (dpo / orpo: trl's DPOTrainer, 2 rows per pair). The DPO
+    # reference: per_step (a no-grad forward in every step), precomputed (log-probs read from the batch) or none
+    # (ORPO); ref_adapter: trl's frozen "ref" copy of the adapter is loaded (reference start; never a base copy).
+    objective: str = "sft"
+    reference: str = "none"
+    ref_adapter: bool = False
+
+    @property
+    def preference(self) -> bool:
+        return self.objective != "sft"
+
+    @property
+    def rows(self) -> int:
+        """Sequences in one forward: the micro-batch, or for a preference step its pairs' chosen + rejected rows."""
+        return self.micro_batch * (2 if self.preference else 1)
 
     @property
     def padded(self) -> bool:
         """A batch of several sequences is padded, so transformers builds a (B, 1, S, S) attention mask."""
-        return (self.micro_batch > 1 or self.packing) and self.attn != "flash_attention_2"
+        return (self.rows > 1 or self.packing) and self.attn != "flash_attention_2"
 
     def with_(self, **kw) -> "TrainSetup":
         return replace(self, **kw)
@@ -508,13 +523,16 @@ def _workspace(s: TrainSetup, tensor_peak: float) -> dict[str, float]:
 
 def estimate(shape: ModelShape, s: TrainSetup) -> MemoryEstimate:
     """Peak per-device memory of one training step of `s` on the architecture `shape`: each term per device, then
-    their sum at the peak, which is the backward's (activations + loss head) or the optimizer step's."""
-    weights, qconst, lora = _base_weights(shape, s), _quant_constants(shape, s), _lora_and_optimizer(shape, s)
-    saved_layers, layer_transient = _activations(shape, s)
-    head_saved, head_fwd, head_bwd = _loss_head(shape, s)
+    their sum at the peak, which is the backward's (activations + loss head), the optimizer step's, or for DPO
+    with a reference forward per step possibly that forward's (the policy's saved tensors are alive then)."""
+    p = policy_setup(s)
+    weights, qconst, lora = _base_weights(shape, p), _quant_constants(shape, p), _lora_and_optimizer(shape, p)
+    saved_layers, layer_transient = _activations(shape, p)
+    head_saved, head_fwd, head_bwd = _loss_head(shape, p)
+    ref_adapter, ref_fwd = _reference_adapter(shape, s), _reference_forward(shape, s)
     notes = ["ZeRO-3 offload: parameters and optimizer state live in CPU memory"] if s.strategy == "zero3-offload" else []
-    transient = max(head_fwd, head_bwd, layer_transient)
-    static = weights + qconst + lora.params + lora.grads + lora.optimizer_state + lora.ddp_buckets
+    transient = max(head_fwd, head_bwd, layer_transient, ref_fwd)
+    static = weights + qconst + lora.params + ref_adapter + lora.grads + lora.optimizer_state + lora.ddp_buckets
     fwd_bwd = saved_layers + head_saved + transient
     breakdown = {
         "base_weights": weights,
@@ -523,15 +541,89 @@ def estimate(shape: ModelShape, s: TrainSetup) -> MemoryEstimate:
         "lora_grads": lora.grads + lora.ddp_buckets,
         "optimizer_state": lora.optimizer_state,
     }
+    if s.preference:
+        breakdown["reference_adapter"] = ref_adapter
+        notes += preference_notes(s)
     if lora.optimizer_step > fwd_bwd:
         phase, tensor_peak = "optimizer", static + lora.optimizer_step
         breakdown |= {"activations": 0, "logits_and_loss": 0, "optimizer_step": lora.optimizer_step}
     else:
         phase, tensor_peak = "backward", static + fwd_bwd
-        head_part = head_saved + (transient if transient in (head_fwd, head_bwd) else 0)
-        breakdown |= {"activations": fwd_bwd - head_part, "logits_and_loss": head_part}
+        head_part = head_saved + (transient if transient in (head_fwd, head_bwd) and transient != ref_fwd else 0)
+        ref_part = transient if transient == ref_fwd and ref_fwd > 0 else 0
+        phase = "reference forward" if ref_part else phase
+        breakdown |= {"activations": fwd_bwd - head_part - ref_part, "logits_and_loss": head_part}
+        if s.preference:
+            breakdown["reference_forward"] = ref_part
     breakdown |= _workspace(s, tensor_peak)
     return MemoryEstimate({k: int(v) for k, v in breakdown.items()}, int(tensor_peak), phase, notes)
+
+
+# --------------------------------------------------------------------------------------------------
+# The preference step (DPO / ORPO: trl's DPOTrainer, loraforge's run/preference.py)
+# --------------------------------------------------------------------------------------------------
+
+
+def policy_setup(s: TrainSetup) -> TrainSetup:
+    """The policy's forward + backward of a preference step as the SFT step it equals: trl's collator puts a
+    micro-batch's pairs in one padded batch of 2 x micro_batch rows (chosen, then rejected), DPOConfig's
+    disable_dropout zeroes the LoRA dropout, and the loss goes through trl's fused head on every device. SFT: `s`."""
+    if not s.preference:
+        return s
+    return s.with_(micro_batch=s.rows, lora_dropout=0.0, device="cuda", objective="sft", reference="none",
+                   ref_adapter=False)
+
+
+def _reference_adapter(shape: ModelShape, s: TrainSetup) -> int:
+    """trl's frozen "ref" copy of the adapter (reference start): one more LoRA's weights, as peft creates them
+    (fp32: add_adapter upcasts; trl's bf16 cast only touches trainable weights). The base is never copied."""
+    if not (s.preference and s.ref_adapter):
+        return 0
+    return shape.lora_params(s.lora_r, s.lora_targets) * 4 // _param_shards(s)
+
+
+def _reference_forward(shape: ModelShape, s: TrainSetup) -> float:
+    """DPO with a reference forward per step: what that no-grad forward holds beyond the policy's saved tensors
+    (trl runs it after the policy forward, before the backward; checkpointing off, nothing saved): the fused
+    head's forward tile, its four per-token outputs, and the reference's own log-probs kept until the loss.
+    0 for ORPO and a precomputed reference (its pass before training holds no policy state: never the peak)."""
+    if s.objective != "dpo" or s.reference != "per_step":
+        return 0
+    p = policy_setup(s)
+    _, act, comp = _widths(p)
+    _, head_fwd, _ = _loss_head(shape, p)
+    tokens = p.micro_batch * p.seq_len
+    # the final hidden states and their shifted, flattened copy the head reads (trl's fused forward)
+    head = head_fwd + tokens * (2 * act * shape.hidden + REFERENCE_OUTPUT_BYTES)
+    return max(head, tokens * _nograd_layer_per_token(shape, p, act, comp))
+
+
+# the reference forward's per-token outputs alive with the policy's: log-probs, entropy, mean logits (fp32),
+# is-top-1 (bool), the label mask (bool), and the log-prob slice and masks of the loss (calibrated on the trace)
+REFERENCE_OUTPUT_BYTES = 16
+
+
+def _nograd_layer_per_token(shape: ModelShape, p: TrainSetup, act: int, comp: int) -> float:
+    """The widest temporaries of one decoder layer run without gradients, per token: the MLP's gate, up, activation
+    and product, and peft's casts of the down projection's input (each freed as soon as it is used): measured on
+    the trace 6.5 bytes per intermediate element for bf16 LoRA, 12.8 with an fp32 residual stream (QLoRA, fp32);
+    with eager attention the (S x S) scores per head, the mask added, the fp32 softmax and its cast back."""
+    mlp = (8 if act == 2 else 13) * shape.mlp_width + 2 * act * shape.hidden
+    if p.attn == "eager" or shape.eager_only:
+        return shape.heads * p.seq_len * (3 * comp + 4) + mlp
+    return mlp
+
+
+def preference_notes(s: TrainSetup) -> list[str]:
+    """One line: what the preference step's memory counts."""
+    ref = {"per_step": "a reference forward without gradients in every step",
+           "precomputed": "reference log-probs precomputed before training (no reference forward per step)",
+           "none": "no reference (ORPO)"}[s.reference if s.objective == "dpo" else "none"]
+    copy = "; the frozen reference adapter (no base copy)" if s.ref_adapter else "; no second copy of the base"
+    cpu = ("; on the CPU trl's fused head computes its tiles with torch ops (more than this CUDA figure)"
+           if s.device == "cpu" else "")
+    return [f"{s.objective} step: two sequences per pair ({s.rows} rows of {s.seq_len} tokens in one forward, "
+            f"dropout off) + {ref}{copy}{cpu}"]
 
 
 def _layer_backward_per_token(shape: ModelShape, s: TrainSetup, act: int, comp: int) -> float:

@@ -12,8 +12,9 @@ from dataclasses import asdict, dataclass, field, replace
 from loraforge.plan import gpu_pin
 from loraforge.plan.arch import check_setup
 from loraforge.plan.arch import notes as arch_notes
-from loraforge.plan.memory import GIB, MemoryEstimate, TrainSetup, estimate
+from loraforge.plan.memory import GIB, MemoryEstimate, TrainSetup, estimate, preference_notes
 from loraforge.plan.strategy import check_supported, launched_strategy
+from loraforge.recipe import keeps_reference_adapter
 
 
 @dataclass(frozen=True)
@@ -423,7 +424,19 @@ def setup_for(recipe, precision: Precision, hw, strategy: str, seq_len: int = 51
         packing=recipe.data.packing,
         world_size=hw.world_size,
         strategy=strategy,
+        **preference_setup(recipe),
     )
+
+
+def preference_setup(recipe) -> dict:
+    """The TrainSetup keys of a preference step: the objective (training.method), the DPO reference (a forward
+    per step, or log-probs precomputed before training) and whether trl's frozen "ref" adapter stays loaded."""
+    method = recipe.training.method
+    if method == "sft":
+        return {}
+    precompute = method == "dpo" and recipe.preference is not None and recipe.preference.precompute_reference
+    reference = "none" if method == "orpo" else "precomputed" if precompute else "per_step"
+    return {"objective": method, "reference": reference, "ref_adapter": keeps_reference_adapter(recipe)}
 
 
 def plan_with_memory(recipe, hw, precision: Precision, strategy: str, shape, longest_sample: int,
@@ -437,14 +450,16 @@ def plan_with_memory(recipe, hw, precision: Precision, strategy: str, shape, lon
     if recipe.data.max_seq_length == "auto":
         notes.append(f"max_seq_length auto: longest sample {longest_sample} tokens" if lengths
                      else f"max_seq_length auto: no data read, starting from the model's context ({seqs[0]})")
-    cpu = precision.use_cpu
+    # on the CPU an SFT step runs one row per forward: that is what memory must hold; a preference step runs its
+    # micro-batch's pairs in one forward on every device
+    setup = setup_for(recipe, precision, hw, strategy)
+    cpu = precision.use_cpu and not setup.preference
     micro, accum = recipe_split(t)
     sol = solve(
         shape,
-        setup_for(recipe, precision, hw, strategy),
+        setup,
         t.global_batch_size,
         hw.budget_gib,
-        # on the CPU one row runs per forward: that is what memory must hold
         micro_batch=1 if cpu else micro,
         grad_accum=None if cpu else accum,
         gradient_checkpointing=None if t.gradient_checkpointing == "auto" else bool(t.gradient_checkpointing),
@@ -453,6 +468,9 @@ def plan_with_memory(recipe, hw, precision: Precision, strategy: str, shape, lon
     )
     if recipe.lora.use_dora:
         notes.append("DoRA is not in the memory model: it needs more than predicted")
+    if setup.preference:
+        chosen = setup.with_(micro_batch=sol.batch.micro_batch_size, seq_len=sol.seq_len)
+        notes += ["memory model: " + n for n in preference_notes(chosen)]
     batch, rows, head, run_notes = execution(sol.batch, t, cpu)
     if head == "plain" and not cpu:
         run_notes += ("loss_head plain on a GPU: the memory model assumes the fused head; the plain one also holds "

@@ -34,12 +34,12 @@ from trl.trainer.dpo_trainer import DataCollatorForPreference
 from loraforge.errors import UserError
 from loraforge.model.modeling import add_lora
 from loraforge.model.quant import (
-    MUTATING_INITS,
     adapter_dtype,
     is_quantized,
     keep_adapter_dtype,
     training_ready,
 )
+from loraforge.recipe import keeps_reference_adapter
 from loraforge.run.sftconfig import training_arguments
 from loraforge.run.trainer import StagedCheckpoints, fall_back_optimizer, peak_memory_gib, precision_label
 from loraforge.use.infer import answer
@@ -80,19 +80,6 @@ def add_adapter(model, recipe, gradient_checkpointing: bool, zero3: bool = False
     model = PeftModel.from_pretrained(model, path, is_trainable=True, autocast_adapter_dtype=not zero3)
     trainable, total = model.get_nb_trainable_parameters()
     return model, trainable, total
-
-
-def reference_kind(recipe) -> str:
-    """What the DPO reference is: 'start' (frozen copy of the starting adapter) or 'base' (adapter disabled).
-    ORPO has none; it keeps the copy only after an SFT run, to report the starting policy."""
-    p = recipe.preference
-    fresh = recipe.model.adapter_from is None
-    if recipe.training.method == "orpo":
-        return "none"
-    if p.reference != "auto":
-        return p.reference
-    # a fresh default/gaussian LoRA has B = 0: the adapter-disabled model is exactly the starting policy
-    return "base" if fresh and recipe.lora.init not in MUTATING_INITS else "start"
 
 
 def orpo_loss(chosen_avg, rejected_avg, chosen_nll, beta: float):
@@ -228,7 +215,7 @@ class PreferenceTrainer(StagedCheckpoints, DPOTrainer):
 
 def make_trainer(recipe, model, args, tokenizer, train_ds, eval_ds, callbacks):
     """The preference trainer, built as session.build_trainer builds the SFT one; the reference set as the
-    recipe says (reference_kind)."""
+    recipe says (recipe.reference_kind)."""
     if args is not None:
         fall_back_optimizer(args)
     training_ready(model)
@@ -245,10 +232,10 @@ def make_trainer(recipe, model, args, tokenizer, train_ds, eval_ds, callbacks):
 def _set_reference(trainer, recipe) -> None:
     """trl copies the adapter as a frozen "ref" adapter; kept when the reference is the start adapter, deleted
     when it is the base (adapter disabled: no copy needed)."""
-    method, ref = recipe.training.method, reference_kind(recipe)
+    method = recipe.training.method
     peft_model = trainer.accelerator.unwrap_model(trainer.model)
     has_ref = REF in peft_model.peft_config
-    keep_ref = ref == "start" or (method == "orpo" and recipe.model.adapter_from is not None)
+    keep_ref = keeps_reference_adapter(recipe)
     if has_ref and not keep_ref:
         peft_model.delete_adapter(REF)
     elif keep_ref and not has_ref:
