@@ -44,7 +44,15 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
-from throughput import GLOBAL_BATCH, LORA, _last_losses, loraforge_recipe, run_child, smollm2_dir, tiny_dir  # noqa: E402
+from throughput import (  # noqa: E402
+    GLOBAL_BATCH,
+    LORA,
+    _last_losses,
+    loraforge_recipe,
+    run_child,
+    smollm2_dir,
+    tiny_dir,
+)
 
 LABELS = {"b": "(b) trl defaults", "c": "(c) loraforge", "p": "(c) + precompute_reference"}
 SCHEMA = "loraforge.preference_bench/1"
@@ -224,15 +232,17 @@ def measure(name: str, model_dir: Path, data: Path, work: Path, steps: int, lr: 
 
 
 def table_lines(rows: list[dict], steps: int, lr: float) -> list[str]:
-    head = "| model | variant | real tokens/s | × (b) | train s | wall s | peak RSS GiB | × (b) | final loss | pairs | real tokens | own count |"
-    lines = ["", f"{steps} optimizer steps x global batch {GLOBAL_BATCH} pairs, lr {lr}, beta {BETA}; "
-             "real tokens = prompt + chosen + rejected", head, "|---|---|" + "---:|" * 10]
+    """The markdown table: one line per (model, variant), its ratios to (b) of the same model."""
+    head = ("| model | variant | real tokens/s | × (b) | train s | wall s | peak RSS GiB | × (b) | final loss | pairs "
+            "| real tokens | own count |")
+    lines = ["", (f"{steps} optimizer steps x global batch {GLOBAL_BATCH} pairs, lr {lr}, beta {BETA}; "
+                  "real tokens = prompt + chosen + rejected"), head, "|---|---|" + "---:|" * 10]
+    trl = {r["model"]: r for r in rows if r["variant"] == "b"}
     for r in rows:
-        b = next(x for x in rows if x["model"] == r["model"] and x["variant"] == "b") if any(
-            x["model"] == r["model"] and x["variant"] == "b" for x in rows) else None
-        ratio = (lambda k: f"{r[k] / b[k]:.2f}") if b else (lambda k: "-")
-        lines.append(f"| {r['model']} | {LABELS[r['variant']]} | {r['tokens_per_s']:.1f} | {ratio('tokens_per_s')} | "
-                     f"{r['train_s']:.1f} | {r['wall_s']:.1f} | {r['peak_rss_gib']:.2f} | {ratio('peak_rss_gib')} | "
+        b = trl.get(r["model"])
+        speed, rss = (f"{r[k] / b[k]:.2f}" if b else "-" for k in ("tokens_per_s", "peak_rss_gib"))
+        lines.append(f"| {r['model']} | {LABELS[r['variant']]} | {r['tokens_per_s']:.1f} | {speed} | "
+                     f"{r['train_s']:.1f} | {r['wall_s']:.1f} | {r['peak_rss_gib']:.2f} | {rss} | "
                      f"{r['train_loss']:.4f} | {r['pairs']} | {r['real_tokens']} | {r['own_tokens']} |")
     return lines
 
