@@ -1,6 +1,6 @@
 """DPO side by side, in one run: trl's DPOTrainer with its defaults, and loraforge's preference step.
 
-    python benchmarks/preference.py                          # tiny model + SmolLM2-135M, 12 steps each
+    python benchmarks/preference.py                          # tiny model + SmolLM2-135M, 6 steps each (1 epoch)
     python benchmarks/preference.py --models tiny --steps 2 --pairs 16      # a smoke run (the test suite's)
 
 Same model (throughput.py's: a 4-layer random Llama with SmolLM2's tokenizer, and SmolLM2-135M-Instruct from
@@ -266,7 +266,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--models", default="tiny,smollm2", help="comma-separated: tiny, smollm2, or a folder "
                    "with a model and its tokenizer (the test suite's tiny model)")
     p.add_argument("--variants", default="bcp", help="b trl defaults, c loraforge, p loraforge + precompute_reference")
-    p.add_argument("--steps", type=int, default=12)
+    p.add_argument("--steps", type=int, default=6, help="optimizer steps (default 6: one epoch of the 48 pairs)")
     p.add_argument("--pairs", type=int, default=48, help="the first N pairs of recipes/data/concise_pairs.jsonl")
     p.add_argument("--lr", type=float, default=2e-4)
     p.add_argument("--work", default="bench-runs/preference", help="where runs, logs and results go")
