@@ -319,17 +319,32 @@ def test_dpo_from_a_run_of_another_base_is_refused(tmp_path, tiny_model_dir, sft
         check_start_adapter(recipe)
 
 
+RESUME = dict(max_steps=6, save_steps=2, global_batch_size=4, micro_batch_size=2, lr_scheduler="cosine", warmup=1)
+
+
+def _max_diff(got: dict, expected: dict) -> float:
+    assert got.keys() == expected.keys()
+    return max((got[k] - expected[k]).abs().max().item() for k in got)
+
+
+@pytest.fixture(scope="module")
+def uninterrupted_dpo(tmp_path_factory, tiny_model_dir):
+    """The DPO run the interrupted ones must reproduce: 6 steps, a checkpoint every 2."""
+    from safetensors.torch import load_file
+
+    tmp = tmp_path_factory.mktemp("dpo-resume")
+    _train(_pref_recipe(tmp, tiny_model_dir, "whole", **RESUME))
+    return tmp, load_file(tmp / "whole" / "adapter_model.safetensors")
+
+
 @pytest.mark.slow
-def test_preempted_dpo_run_resumes_to_the_same_adapter(tmp_path, tiny_model_dir, monkeypatch):
+def test_preempted_dpo_run_resumes_to_the_same_adapter(uninterrupted_dpo, tiny_model_dir, monkeypatch):
     from safetensors.torch import load_file
 
     from loraforge.run.preemption import EXIT_PREEMPTED, StopOnSignal
     from loraforge.rundir import PREEMPTED_FILE as MARKER_FILE
 
-    kw = dict(max_steps=6, save_steps=2, global_batch_size=4, micro_batch_size=2, lr_scheduler="cosine", warmup=1)
-    _train(_pref_recipe(tmp_path, tiny_model_dir, "whole", **kw))
-    expected = load_file(tmp_path / "whole" / "adapter_model.safetensors")
-
+    tmp_path, expected = uninterrupted_dpo
     original = StopOnSignal.on_step_end
 
     def signal_at_3(self, args, state, control, **k):
@@ -337,7 +352,7 @@ def test_preempted_dpo_run_resumes_to_the_same_adapter(tmp_path, tiny_model_dir,
             self.requested = "SIGUSR1"  # what the handler records when SLURM sends USR1
         return original(self, args, state, control, **k)
 
-    recipe = _pref_recipe(tmp_path, tiny_model_dir, "preempted", **kw)
+    recipe = _pref_recipe(tmp_path, tiny_model_dir, "preempted", **RESUME)
     monkeypatch.setattr(StopOnSignal, "on_step_end", signal_at_3)
     with pytest.raises(SystemExit) as e:
         _train(recipe)
@@ -346,10 +361,34 @@ def test_preempted_dpo_run_resumes_to_the_same_adapter(tmp_path, tiny_model_dir,
     assert marker["step"] == 3 and marker["checkpoint"].endswith("checkpoint-3")
     monkeypatch.setattr(StopOnSignal, "on_step_end", original)
     _train(recipe)  # the same command again: resumes from checkpoint-3
-    got = load_file(tmp_path / "preempted" / "adapter_model.safetensors")
-    assert got.keys() == expected.keys()
-    diff = max((got[k] - expected[k]).abs().max().item() for k in got)
+    diff = _max_diff(load_file(tmp_path / "preempted" / "adapter_model.safetensors"), expected)
     assert diff <= 1e-5, f"resumed adapter differs by {diff}"
+
+
+@pytest.mark.slow
+def test_sigkilled_dpo_run_resumes_to_the_same_adapter(uninterrupted_dpo, tiny_model_dir):
+    """SIGKILL while checkpoint-4 is half written (adapter saved, optimizer not): the next run ignores it,
+    resumes from checkpoint-2 and ends with the uninterrupted adapter (test_resume.py's driver, which kills
+    the SFT and the preference trainer alike)."""
+    from safetensors.torch import load_file
+    from test_resume import _train as train_killable
+
+    from loraforge.checkpoints import STAGING, complete_checkpoints
+
+    tmp, expected = uninterrupted_dpo
+    recipe = _pref_recipe(tmp, tiny_model_dir, "killed", **RESUME)
+    run_dir = tmp / "killed"
+    killed = train_killable(tmp, recipe, "mid-checkpoint", 4)
+    assert killed.returncode == -9, killed.stderr[-3000:]  # really SIGKILLed
+    assert not (run_dir / "train_summary.json").exists()
+    assert (run_dir / "checkpoints" / STAGING).is_dir()  # the half-written checkpoint-4 ...
+    assert [s for s, _ in complete_checkpoints(run_dir / "checkpoints")] == [2]  # ... never counts as one
+    resumed = train_killable(tmp, recipe)  # the same command again
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "resuming from checkpoint-2" in resumed.stderr
+    diff = _max_diff(load_file(run_dir / "adapter_model.safetensors"), expected)
+    assert diff <= 1e-5, f"resumed adapter differs by {diff}"
+    assert json.loads((run_dir / "train_summary.json").read_text())["preference"]["method"] == "dpo"
 
 
 @pytest.mark.slow

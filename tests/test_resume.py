@@ -18,7 +18,8 @@ from loraforge.checkpoints import MARKER, STAGING, complete_checkpoints
 from loraforge.errors import UserError
 from loraforge.recipe import load_recipe
 
-# Kills the training process with SIGKILL at a chosen point, then lets loraforge.train run as usual.
+# Kills the training process with SIGKILL at a chosen point, then lets loraforge.train run as usual; the SFT
+# trainer and the preference (DPO / ORPO) trainer alike.
 DRIVER = textwrap.dedent(
     """
     import os, signal, sys
@@ -27,10 +28,8 @@ DRIVER = textwrap.dedent(
     point, at = sys.argv[1], int(sys.argv[2])
     libraries = session.training_libraries
 
-    def training_libraries():  # the trainer (heavy: trl) loads where loraforge loads it
-        libs = libraries()
-
-        class Killed(libs.trainer.LoraTrainer):
+    def killed(trainer_cls):
+        class Killed(trainer_cls):
             def training_step(self, *args, **kwargs):
                 if point == "between-steps" and self.state.global_step == at:
                     os.kill(os.getpid(), signal.SIGKILL)
@@ -44,7 +43,12 @@ DRIVER = textwrap.dedent(
                     os.kill(os.getpid(), signal.SIGKILL)  # adapter written, optimizer not yet
                 return super()._save_optimizer_and_scheduler(output_dir)
 
-        libs.trainer.LoraTrainer = Killed
+        return Killed
+
+    def training_libraries():  # the trainer (heavy: trl) loads where loraforge loads it
+        libs = libraries()
+        libs.trainer.LoraTrainer = killed(libs.trainer.LoraTrainer)
+        libs.preference.PreferenceTrainer = killed(libs.preference.PreferenceTrainer)
         return libs
 
     session.training_libraries = training_libraries

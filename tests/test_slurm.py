@@ -28,28 +28,38 @@ with open(os.path.join(out, "node-%s.json" % os.environ["SLURM_NODEID"]), "w") a
                "node": os.environ.get("SLURMD_NODENAME"), "main_ip": os.environ.get("MAIN_IP")}, f)
 """
 
-# Makes every optimizer step slower (only where this directory is on PYTHONPATH), so USR1 lands mid-run.
+# Makes every optimizer step slower (only where this directory is on PYTHONPATH), so USR1 lands mid-run: the
+# SFT trainer's and the preference (DPO / ORPO) trainer's.
 SLOW_STEPS = """import os
 if os.environ.get("LORAFORGE_TEST_STEP_SLEEP"):
     import time
     from loraforge.run import session as _s
     _libraries = _s.training_libraries
-    def _training_libraries():  # the trainer (heavy: trl) loads where loraforge loads it
-        libs = _libraries()
-        class Slow(libs.trainer.LoraTrainer):
+    def _slow(trainer_cls):
+        class Slow(trainer_cls):
             def training_step(self, *a, **k):
                 time.sleep(float(os.environ["LORAFORGE_TEST_STEP_SLEEP"]))
                 return super().training_step(*a, **k)
-        libs.trainer.LoraTrainer = Slow
+        return Slow
+    def _training_libraries():  # the trainer (heavy: trl) loads where loraforge loads it
+        libs = _libraries()
+        libs.trainer.LoraTrainer = _slow(libs.trainer.LoraTrainer)
+        libs.preference.PreferenceTrainer = _slow(libs.preference.PreferenceTrainer)
         return libs
     _s.training_libraries = _training_libraries
 """
 
 
 def _recipe(tmp: Path, model_dir: Path, name: str, **training) -> Path:
-    data = tmp / "train.jsonl"
+    """An SFT recipe on 48 chats; with training.method dpo, on test_preference's 16 pairs."""
+    if training.get("method") == "dpo":
+        from test_preference import pair_records
+
+        data, records = tmp / "pairs.jsonl", pair_records()
+    else:
+        data, records = tmp / "train.jsonl", chat_records(48)
     if not data.exists():
-        write_jsonl(data, chat_records(48))
+        write_jsonl(data, records)
     d = recipe_dict(model_dir, data, tmp / "runs" / name, training={
         "max_steps": 12, "global_batch_size": 8, "micro_batch_size": 2, "learning_rate": 1e-2,
         "lr_scheduler": "cosine", "warmup": 1, "save_steps": 6, "save_total_limit": 2, **training,
@@ -323,16 +333,16 @@ def test_two_node_zero_and_fsdp_jobs_form_one_world_and_train_the_one_process_ad
     assert _max_diff(tmp / "runs" / "one", run_dir) <= 1e-5
 
 
-@pytest.mark.slow
-def test_usr1_checkpoints_requeues_and_resumes_to_the_same_adapter(runs, tiny_model_dir):
-    tmp = runs[0]
+def _preempted_job(tmp: Path, recipe: Path, name: str) -> Path:
+    """Submit `recipe` (12 steps) as a 2-node CPU job with slowed steps; once step 3 is logged, USR1 to the batch
+    shell (as SLURM preemption does, `--signal=B:USR1@lead`): the job must checkpoint after the step, requeue itself,
+    resume from that checkpoint and log every step once. Its run directory."""
     slow = tmp / "slow-steps"
     slow.mkdir(exist_ok=True)
     (slow / "sitecustomize.py").write_text(SLOW_STEPS)
-    recipe = _recipe(tmp, tiny_model_dir, "preempted")
     env = {"PYTHONPATH": f"{slow}{os.pathsep}{Path(__file__).parent}", "LORAFORGE_TEST_STEP_SLEEP": "0.25"}
     _cli("slurm", "submit", str(recipe), "--nodes", "2", "--gpus-per-node", "1", "--cpu", "--time", "00:10:00", env=env)
-    run_dir = tmp / "runs" / "preempted"
+    run_dir = tmp / "runs" / name
     job = _job_id(run_dir)
     metrics, end = run_dir / "metrics.jsonl", time.time() + 240
     while not (metrics.is_file() and metrics.read_text().count('"loss"') >= 3):  # mid-run: step 3 of 12 logged
@@ -350,8 +360,27 @@ def test_usr1_checkpoints_requeues_and_resumes_to_the_same_adapter(runs, tiny_mo
     records = [json.loads(line) for line in metrics.read_text().splitlines()]
     steps = [r["step"] for r in records if "loss" in r]
     assert steps == sorted(set(steps)) and steps[-1] == 12  # resumed after the checkpoint, no step twice
+    return run_dir
+
+
+@pytest.mark.slow
+def test_usr1_checkpoints_requeues_and_resumes_to_the_same_adapter(runs, tiny_model_dir):
+    tmp = runs[0]
+    run_dir = _preempted_job(tmp, _recipe(tmp, tiny_model_dir, "preempted"), "preempted")
     assert _max_diff(tmp / "runs" / "two-nodes", run_dir) <= 1e-6  # as if never interrupted
     assert _max_diff(tmp / "runs" / "one", run_dir) <= 1e-5
+
+
+@pytest.mark.slow
+def test_usr1_preempted_dpo_job_requeues_and_resumes_to_the_same_adapter(cluster, tmp_path, tiny_model_dir):
+    """The same for a DPO run (loraforge's preference trainer): preempted, requeued, resumed, it ends with the
+    adapter of an uninterrupted 1-process DPO run."""
+    kw = dict(method="dpo", learning_rate=5e-3)
+    _cli("train", str(_recipe(tmp_path, tiny_model_dir, "dpo-one", **kw)), "--quiet")
+    run_dir = _preempted_job(tmp_path, _recipe(tmp_path, tiny_model_dir, "dpo-preempted", **kw), "dpo-preempted")
+    assert _max_diff(tmp_path / "runs" / "dpo-one", run_dir) <= 1e-5
+    summary = json.loads((run_dir / "train_summary.json").read_text())
+    assert summary["preference"]["method"] == "dpo" and summary["steps"] == 12
 
 
 @pytest.mark.slow
