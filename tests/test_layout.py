@@ -1,6 +1,6 @@
 """The package's shape, read from its source with `ast` (nothing is imported): layers, import direction, sizes.
 
-    ground   loraforge.{errors, recipe (+ preference_recipe), resources, redact, rundir, checkpoints, versions}
+    ground   loraforge.{errors, recipe (+ preference_recipe, recipe_rules), resources, redact, rundir, checkpoints, versions}
     plan/    strategy, hardware + profiles, arch, memory, flops, planner, gpu_pin   (pure; no torch for `plan`)
     model/   quant, modeling, trace, lmhead
     data/    dataset, tokencache, prepare
@@ -27,7 +27,8 @@ SRC = Path(__file__).resolve().parents[1] / "src"
 README = Path(__file__).resolve().parents[1] / "README.md"
 HEAVY_LIBS = {"torch", "transformers", "trl", "peft", "deepspeed", "bitsandbytes", "accelerate", "datasets"}
 GROUND = {"loraforge", "loraforge.errors", "loraforge.recipe", "loraforge.resources", "loraforge.redact",
-          "loraforge.rundir", "loraforge.checkpoints", "loraforge.versions", "loraforge.preference_recipe"}
+          "loraforge.rundir", "loraforge.checkpoints", "loraforge.versions", "loraforge.preference_recipe",
+          "loraforge.recipe_rules"}
 LAYERS = ["plan", "model", "data", "use", "run", "launch"]  # bottom to top, above the ground
 TOP = {"loraforge.cli", "loraforge.train", "loraforge.console", "loraforge.__main__"}
 MAX_LINES = 60

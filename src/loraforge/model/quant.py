@@ -18,7 +18,6 @@ import contextlib
 import logging
 
 from loraforge.errors import UserError
-from loraforge.recipe import MUTATING_INITS  # noqa: F401  (defined beside lora.init; imported from here too)
 
 log = logging.getLogger("loraforge")
 

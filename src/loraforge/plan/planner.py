@@ -14,7 +14,7 @@ from loraforge.plan.arch import check_setup
 from loraforge.plan.arch import notes as arch_notes
 from loraforge.plan.memory import GIB, MemoryEstimate, TrainSetup, estimate, preference_notes
 from loraforge.plan.strategy import check_supported, launched_strategy
-from loraforge.recipe import keeps_reference_adapter
+from loraforge.recipe_rules import keeps_reference_adapter
 
 
 @dataclass(frozen=True)

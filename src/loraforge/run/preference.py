@@ -39,7 +39,7 @@ from loraforge.model.quant import (
     keep_adapter_dtype,
     training_ready,
 )
-from loraforge.recipe import keeps_reference_adapter
+from loraforge.recipe_rules import keeps_reference_adapter
 from loraforge.run.sftconfig import training_arguments
 from loraforge.run.trainer import StagedCheckpoints, fall_back_optimizer, peak_memory_gib, precision_label
 from loraforge.use.infer import answer
@@ -215,7 +215,7 @@ class PreferenceTrainer(StagedCheckpoints, DPOTrainer):
 
 def make_trainer(recipe, model, args, tokenizer, train_ds, eval_ds, callbacks):
     """The preference trainer, built as session.build_trainer builds the SFT one; the reference set as the
-    recipe says (recipe.reference_kind)."""
+    recipe says (recipe_rules.reference_kind)."""
     if args is not None:
         fall_back_optimizer(args)
     training_ready(model)

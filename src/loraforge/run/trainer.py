@@ -38,13 +38,13 @@ from loraforge.checkpoints import STAGING, checkpoint_estimate, ensure_free_spac
 from loraforge.errors import UserError
 from loraforge.model.lmhead import add_plain_lm_head, plain_head_supported
 from loraforge.model.quant import (
-    MUTATING_INITS,
     adapter_dtype,
     is_quantized,
     keep_adapter_dtype,
     optimizer_fallback,
     training_ready,
 )
+from loraforge.recipe_rules import MUTATING_INITS
 from loraforge.run.batching import split_rows
 
 
