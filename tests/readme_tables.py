@@ -100,6 +100,19 @@ PUBLISHED = [
                     "lora.target_modules=[q_proj,v_proj,o_proj,gate_proj,up_proj,down_proj]",
                     "data.max_seq_length=2048", "training.global_batch_size=2", "training.micro_batch_size=2",
                     "training.gradient_checkpointing=true"]),
+    *[dict(source=f"Unsloth notebook `{nb}` on a Colab T4 (its printed peak reserved; batch 2, max length 2048, "
+                  "Unsloth's offloaded checkpointing)",
+           what=what, published=f"{gib} GiB", published_gib=gib, config=config, recipe="qwen3-8b-qlora", card=None,
+           lora=f"r={r} {'all-linear (fused qkv/gate_up)' if config == 'phi-4' else 'q,k,v,o + MLP'}, 8-bit AdamW",
+           overrides=[f"lora.r={r}", f"lora.alpha={alpha}", "lora.dropout=0.0",
+                      "lora.target_modules=" + ("all-linear" if config == "phi-4" else
+                                                "[q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj]"),
+                      "data.max_seq_length=2048", "training.global_batch_size=8", "training.micro_batch_size=2",
+                      "training.gradient_checkpointing=true", "training.optimizer=adamw_8bit"])
+      for nb, what, gib, config, r, alpha in [
+          ("Qwen3_(14B).ipynb", "Qwen3-14B QLoRA", 14.066, "qwen3-14b", 32, 32),
+          ("Phi_4-Conversational.ipynb", "Phi-4 (14B) QLoRA", 12.361, "phi-4", 16, 16),
+          ("Mistral_Nemo_(12B)-Alpaca.ipynb", "Mistral-Nemo-12B QLoRA", 10.68, "mistral-nemo-instruct-2407", 16, 16)]],
     dict(source="QLoRA paper (Dettmers et al. 2023): 65B fine-tuned on one 48 GB GPU", what="LLaMA-65B QLoRA r=64",
          published="fits in 48 GB", published_gib=None, config="llama-65b", recipe="llama-3-70b-qlora", card=48,
          lora="r=64 all-linear, paged 8-bit AdamW",
