@@ -32,6 +32,9 @@ def _with(**sections) -> dict:
     ({"training": {"method": "orpo"}, "preference": {"reference": "base"}},
      "preference.reference: only used by training.method dpo (ORPO needs no reference model)"),
     ({"training": {"method": "orpo"}, "preference": {"loss_type": "ipo"}}, "preference.loss_type: only used by training.method dpo"),
+    ({"training": {"method": "orpo"}, "preference": {"sft_weight": 1.0}},
+     "preference.sft_weight: only used by training.method dpo (ORPO's loss already holds the chosen answers' NLL)"),
+    ({"training": {"method": "dpo"}, "preference": {"sft_weight": -1}}, "preference.sft_weight: Input should be greater than or equal to 0"),
     ({"training": {"method": "dpo"}, "preference": {"betta": 1}}, "preference.betta: unknown key; did you mean 'beta'?"),
     ({"training": {"method": "dpo"}, "preference": {"beta": 0}}, "preference.beta: Input should be greater than 0"),
     ({"training": {"method": "dpo"}, "preference": {"label_smoothing": 0.1}}, "preference.label_smoothing: only used by loss_type robust"),
@@ -188,11 +191,13 @@ def sft_run(tmp_path_factory, tiny_model_dir) -> Path:
     return tmp / "sft"
 
 
-@pytest.mark.parametrize("method", ["dpo", "orpo"])
-def test_preference_run_learns_the_preference(tmp_path, tiny_model_dir, method):
+@pytest.mark.parametrize("variant", ["dpo", "orpo", "dpo+sft"])
+def test_preference_run_learns_the_preference(tmp_path, tiny_model_dir, variant):
     from loraforge.use.infer import merge
 
-    res = _train(_pref_recipe(tmp_path, tiny_model_dir, method, method=method))
+    method = variant.split("+")[0]
+    sections = {"preference": {"sft_weight": 1.0}} if variant == "dpo+sft" else None
+    res = _train(_pref_recipe(tmp_path, tiny_model_dir, method, sections=sections, method=method))
     run_dir = tmp_path / method
     rows = [m for m in _metrics(run_dir) if "loss" in m]
     assert len(rows) == 8
@@ -218,8 +223,14 @@ def test_preference_run_learns_the_preference(tmp_path, tiny_model_dir, method):
 
     scored = evaluate_run(run_dir, data=tmp_path / "pairs.jsonl")  # eval reads pairs: NLL of the chosen answers
     assert scored.examples == 16
-    if method == "orpo":  # ORPO's loss includes the chosen answers' NLL (DPO's need not lower it)
+    if variant != "dpo":  # ORPO's loss and DPO + sft_weight include the chosen answers' NLL (DPO's need not lower it)
         assert scored.fine_tuned.loss < scored.base.loss
+    if variant == "dpo+sft":  # the run directory keeps the key; DPOConfig gets trl's loss list for it
+        assert load_recipe(run_dir / "recipe.yaml").preference.sft_weight == 1.0
+        from loraforge.run.preference import loss_settings
+
+        assert loss_settings(load_recipe(run_dir / "recipe.yaml")) == {
+            "loss_type": ["sigmoid", "sft"], "loss_weights": [1.0, 1.0], "label_smoothing": 0.0}
 
 
 def test_qlora_dpo_trains_over_a_4bit_base_and_merges_into_the_full_precision_base(tmp_path, tiny_model_dir,

@@ -77,15 +77,15 @@ def test_quickstart_teaches_a_fact_seen_in_answers_to_unseen_questions(sft_run):
     assert (run_dir / "plots" / "loss.png").stat().st_size > 1000
 
 
-DPO_STEPS = 6  # of the full demo's 16 (3 epochs of 42 pairs at a global batch of 8)
+DPO_STEPS = 6  # of the full demo's 18 (3 epochs of 42 pairs at a global batch of 8)
 
 
 @pytest.mark.slow
 def test_dpo_after_the_quickstart_teaches_the_preferred_style_on_unseen_prompts(sft_run, tmp_path):
     """The demo's second stage (recipes/quickstart-dpo.yaml), shortened: DPO from the SFT run's adapter on the
     shipped pairs. On the held-out pairs (prompts in no training pair) the chosen answers gain log-probability
-    against the rejected ones relative to the SFT model (measured: 83% -> 100% preferred, margin +0.42 -> +1.52
-    per token, reward accuracy 100%)."""
+    against the rejected ones relative to the SFT model, and the greedy answers to unseen prompts take up the
+    chosen style."""
     sft_dir, _ = sft_run
     run_dir = tmp_path / "dpo"
     cmd = [
@@ -108,6 +108,9 @@ def test_dpo_after_the_quickstart_teaches_the_preferred_style_on_unseen_prompts(
                     (REPO / "recipes" / "data" / "concise_pairs.jsonl").read_text().splitlines()}
     samples = json.loads((run_dir / "samples.json").read_text())
     assert samples and all(r["prompt"] not in pair_prompts for r in samples)  # really unseen
-    # the SFT and DPO answers are both shown (summary and report); at 6 steps greedy answers to these prompts
-    # were already short after SFT and had not taken the "In short:" opening (measured: 0 of 4 either way)
-    assert len(report["start_answers"]) == len(samples)
+    # the visible preference: answers to the unseen prompts open with the chosen style "In short:", the SFT
+    # model's never did (measured at these 6 steps: 3 of 6 after, 0 before; the full demo's 18 steps: 6 of 6)
+    assert len(report["start_answers"]) == len(samples) == 6
+    assert not any(r["start"].startswith("In short:") for r in report["start_answers"]), report["start_answers"]
+    styled = [r["fine_tuned"] for r in samples if r["fine_tuned"].startswith("In short:")]
+    assert len(styled) >= 2, [r["fine_tuned"] for r in samples]

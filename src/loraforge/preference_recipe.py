@@ -9,6 +9,7 @@
       loss_type: sigmoid        # DPO only: sigmoid (DPO), ipo, hinge, robust, sigmoid_norm (length-normalised)
       reference: auto           # DPO only: auto | start | base
       label_smoothing: 0.0      # DPO only, loss_type robust
+      sft_weight: 0.0           # DPO only: + weight x the chosen answers' NLL (RPO); 0 = plain DPO
       max_prompt_length: auto   # prompt tokens kept (from the end); auto = half of data.max_seq_length
 
 Every key is validated like the rest of the recipe; `check(recipe)` adds the cross-key rules (a key of another
@@ -31,7 +32,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 METHODS = ("sft", "dpo", "orpo")
 PREFERENCE_METHODS = ("dpo", "orpo")
 DPO_LOSSES = ("sigmoid", "ipo", "hinge", "robust", "sigmoid_norm")
-DPO_ONLY = ("loss_type", "reference", "label_smoothing", "precompute_reference")
+DPO_ONLY = ("loss_type", "reference", "label_smoothing", "precompute_reference", "sft_weight")
 
 
 class PreferenceSection(BaseModel):
@@ -47,6 +48,10 @@ class PreferenceSection(BaseModel):
         "base = the adapter disabled; auto = start after an SFT run (model.adapter_from), base otherwise.")
     label_smoothing: float = Field(0.0, ge=0, lt=0.5, description="DPO only, loss_type robust: the share of "
                                    "preference labels assumed flipped.")
+    sft_weight: float = Field(0.0, ge=0, le=100, description="DPO only: weight of the chosen answers' NLL added to "
+                              "the DPO loss (RPO; trl's loss_type 'sft'). DPO alone can widen the margin by "
+                              "pushing the rejected answers down while the chosen ones are generated no more "
+                              "often; this term also raises the chosen answers' own likelihood. 0 = plain DPO.")
     precompute_reference: bool = Field(False, description="DPO only: compute the reference log-probs once before "
                                        "training (saves the reference forward in every step).")
     max_prompt_length: int | Literal["auto"] = Field(
@@ -79,7 +84,8 @@ def check(recipe, fields_set: dict) -> tuple[tuple, str] | None:
     if method == "orpo":
         for key in DPO_ONLY:
             if key in (pref_keys or ()):
-                why = "ORPO needs no reference model" if key in ("reference", "precompute_reference") else "ORPO has one loss"
+                why = ("ORPO needs no reference model" if key in ("reference", "precompute_reference") else
+                       "ORPO's loss already holds the chosen answers' NLL" if key == "sft_weight" else "ORPO has one loss")
                 return ("preference", key), f"only used by training.method dpo ({why}); remove it"
     if method == "dpo":
         if p.label_smoothing and p.loss_type != "robust":

@@ -59,11 +59,23 @@ def training_args(recipe, plan, run_dir: Path, report_to):
     return DPOConfig(
         **training_arguments(recipe, plan, run_dir, report_to),
         beta=p.beta,
-        loss_type=[p.loss_type if dpo else "sigmoid"],
-        label_smoothing=p.label_smoothing if dpo else 0.0,
+        **loss_settings(recipe),
         precompute_ref_log_probs=bool(dpo and p.precompute_reference),
         disable_dropout=True,
     )
+
+
+def loss_settings(recipe) -> dict:
+    """DPOConfig's loss keys. DPO: the recipe's loss_type, plus trl's "sft" term (the chosen answers' NLL, mean
+    over their tokens in the micro-batch) weighted by sft_weight when it is set. ORPO replaces the loss
+    (PreferenceTrainer._orpo_loss); trl's keys stay at their plain values there."""
+    p = recipe.preference
+    if recipe.training.method != "dpo":
+        return {"loss_type": ["sigmoid"], "loss_weights": None, "label_smoothing": 0.0}
+    if p.sft_weight:
+        return {"loss_type": [p.loss_type, "sft"], "loss_weights": [1.0, p.sft_weight],
+                "label_smoothing": p.label_smoothing}
+    return {"loss_type": [p.loss_type], "loss_weights": None, "label_smoothing": p.label_smoothing}
 
 
 def add_adapter(model, recipe, gradient_checkpointing: bool, zero3: bool = False):
