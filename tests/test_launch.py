@@ -16,7 +16,7 @@ from conftest import chat_records, recipe_dict, write_jsonl
 from safetensors.torch import load_file
 
 from loraforge.errors import UserError
-from loraforge.launch.accelerate import Topology, accelerate_args, config_file, render_command
+from loraforge.launch.accelerate import Topology, accelerate_args, config_file, cpu_threads, render_command
 from loraforge.plan.strategy import STRATEGIES, check_supported, choose_strategy, strategy_from_env
 from loraforge.resources import shipped_dir
 
@@ -123,6 +123,19 @@ def test_dry_run_for_2_nodes_of_8_gpus(strategy):
 
     parsed = launch_command_parser().parse_args(args)
     assert parsed.num_processes == 16 and parsed.machine_rank == 1
+
+
+def test_processes_launched_here_get_the_cores_not_accelerates_one_thread():
+    """accelerate launch gives each process OMP_NUM_THREADS=1 unless told: a lone process would compute on one core.
+    A launch on this machine passes the physical cores shared among the node's processes; a user's OMP_NUM_THREADS
+    is left to accelerate; a node that is not this machine (SLURM, --hardware) gets nothing."""
+    from accelerate.commands.launch import launch_command_parser
+
+    assert cpu_threads(1, {}, 16) == 16 and cpu_threads(8, {}, 16) == 2 and cpu_threads(4, {}, 2) == 1
+    assert cpu_threads(1, {"OMP_NUM_THREADS": "3"}, 16) is None and cpu_threads(1, {}, None) is None
+    args = accelerate_args("single", Topology(1), 1, "r.yaml", threads=16)
+    assert launch_command_parser().parse_args(args).num_cpu_threads_per_process == 16
+    assert "--num_cpu_threads_per_process" not in accelerate_args("ddp", Topology(8, nodes=2, main_ip="h"), 1, "r.yaml")
 
 
 def test_multinode_without_main_ip_is_refused():
@@ -236,7 +249,8 @@ def test_two_processes_train_the_same_adapter_as_one(one_process, tiny_model_dir
 @pytest.mark.slow
 def test_single_strategy_launches_one_process_through_accelerate(one_process, tiny_model_dir):
     """`loraforge launch --strategy single`: accelerate's simple launcher with single_gpu.yaml, one process,
-    the adapter of `loraforge train`."""
+    the adapter of `loraforge train` — on as many threads (accelerate's default of one thread gave 2.2e-6 here:
+    another summation order)."""
     tmp = one_process
     _loraforge("launch", str(_topology_recipe(tmp, tiny_model_dir, "single")), "--strategy", "single",
                "--set", "training.device=cpu")

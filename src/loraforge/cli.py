@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
 from typing import Callable, Optional
 
+import psutil
 import typer
 from rich.console import Console
 from rich.table import Table
@@ -15,7 +17,7 @@ from loraforge.console import err_console, quiet_libraries, run_guarded
 from loraforge.errors import UserError
 from loraforge.launch import preview as planview
 from loraforge.launch import slurm
-from loraforge.launch.accelerate import Topology, accelerate_args, render_command, run_accelerate
+from loraforge.launch.accelerate import Topology, accelerate_args, cpu_threads, render_command, run_accelerate
 from loraforge.launch.preview import plan_launch
 from loraforge.plan.hardware import detect
 from loraforge.recipe import dump_recipe, load_recipe
@@ -215,7 +217,10 @@ def launch(
         port = main_port or (29500 if nodes > 1 else _free_port())
         topo = Topology(lp.hw.world_size // nodes, nodes, node_rank, main_ip, port)
         recipe_path = str(_recipe_path(recipe))
-        args = accelerate_args(lp.strategy, topo, lp.plan.batch.gradient_accumulation_steps, recipe_path, set_)
+        threads = None if hardware is not None or vram is not None else cpu_threads(
+            topo.processes_per_node, os.environ, psutil.cpu_count(logical=False))  # a launch on this machine
+        args = accelerate_args(lp.strategy, topo, lp.plan.batch.gradient_accumulation_steps, recipe_path, set_,
+                               threads)
         _print_launch(lp, topo)
         if dry_run:
             print(render_command(args))

@@ -43,10 +43,24 @@ def config_file(strategy: str, nodes: int) -> Path:
     return shipped_dir("accelerate_configs") / f"{name}.yaml"
 
 
+def cpu_threads(processes_per_node: int, environ, physical_cores: int | None) -> int | None:
+    """Threads per process for a launch on this machine, or None to leave it to accelerate.
+
+    `accelerate launch` gives each process it starts OMP_NUM_THREADS = --num_cpu_threads_per_process, which
+    defaults to 1 unless OMP_NUM_THREADS is set (accelerate/commands/launch.py): a lone process then computes on
+    one core where `loraforge train` (torch's default) uses every physical core. The node's physical cores shared
+    among its processes; an OMP_NUM_THREADS the user exported is kept (accelerate reads it itself)."""
+    if environ.get("OMP_NUM_THREADS") or not physical_cores:
+        return None
+    return max(physical_cores // max(processes_per_node, 1), 1)
+
+
 def accelerate_args(
-    strategy: str, topo: Topology, gradient_accumulation_steps: int, recipe: str, overrides: list[str] | tuple = ()
+    strategy: str, topo: Topology, gradient_accumulation_steps: int, recipe: str, overrides: list[str] | tuple = (),
+    threads: int | None = None,
 ) -> list[str]:
-    """The arguments of `accelerate launch` (without the program name) for this strategy and topology."""
+    """The arguments of `accelerate launch` (without the program name) for this strategy and topology;
+    `threads`: --num_cpu_threads_per_process (cpu_threads(); None for a node that is not this machine)."""
     if topo.nodes > 1 and not topo.main_ip:
         raise UserError("--nodes > 1 needs --main-ip (the address of node 0) and --node-rank on each node")
     if not 0 <= topo.node_rank < topo.nodes:
@@ -79,6 +93,8 @@ def accelerate_args(
     else:
         # DeepSpeed's JSON takes accumulation from the Trainer ("auto"); for the others tell accelerate too.
         args += ["--gradient_accumulation_steps", str(gradient_accumulation_steps)]
+    if threads:
+        args += ["--num_cpu_threads_per_process", str(threads)]
     args += ["--mixed_precision", "no", "--dynamo_backend", "no", "-m", "loraforge.train", recipe]
     for o in overrides:
         args += ["--set", o]
