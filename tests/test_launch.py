@@ -127,8 +127,8 @@ def test_dry_run_for_2_nodes_of_8_gpus(strategy):
 
 def test_processes_launched_here_get_the_cores_not_accelerates_one_thread():
     """accelerate launch gives each process OMP_NUM_THREADS=1 unless told: a lone process would compute on one core.
-    A launch on this machine passes the physical cores shared among the node's processes; a user's OMP_NUM_THREADS
-    is left to accelerate; a node that is not this machine (SLURM, --hardware) gets nothing."""
+    A one-node launch on this machine passes the physical cores shared among its processes; a user's
+    OMP_NUM_THREADS is left to accelerate; several nodes, SLURM and --hardware plans get nothing."""
     from accelerate.commands.launch import launch_command_parser
 
     assert cpu_threads(1, {}, 16) == 16 and cpu_threads(8, {}, 16) == 2 and cpu_threads(4, {}, 2) == 1
