@@ -131,8 +131,11 @@ def test_processes_launched_here_get_the_cores_not_accelerates_one_thread():
     OMP_NUM_THREADS is left to accelerate; several nodes, SLURM and --hardware plans get nothing."""
     from accelerate.commands.launch import launch_command_parser
 
-    assert cpu_threads(1, {}, 16) == 16 and cpu_threads(8, {}, 16) == 2 and cpu_threads(4, {}, 2) == 1
-    assert cpu_threads(1, {"OMP_NUM_THREADS": "3"}, 16) is None and cpu_threads(1, {}, None) is None
+    assert cpu_threads(1, 1, True, {}, 16) == 16 and cpu_threads(8, 1, True, {}, 16) == 2
+    assert cpu_threads(4, 1, True, {}, 2) == 1
+    assert cpu_threads(1, 1, True, {"OMP_NUM_THREADS": "3"}, 16) is None and cpu_threads(1, 1, True, {}, None) is None
+    assert cpu_threads(8, 2, True, {}, 16) is None  # several nodes: the command `slurm submit` renders
+    assert cpu_threads(1, 1, False, {}, 16) is None  # planned for --hardware/--vram: not this machine's cores
     args = accelerate_args("single", Topology(1), 1, "r.yaml", threads=16)
     assert launch_command_parser().parse_args(args).num_cpu_threads_per_process == 16
     assert "--num_cpu_threads_per_process" not in accelerate_args("ddp", Topology(8, nodes=2, main_ip="h"), 1, "r.yaml")

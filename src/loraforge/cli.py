@@ -217,8 +217,8 @@ def launch(
         port = main_port or (29500 if nodes > 1 else _free_port())
         topo = Topology(lp.hw.world_size // nodes, nodes, node_rank, main_ip, port)
         recipe_path = str(_recipe_path(recipe))
-        here = hardware is None and vram is None and nodes == 1  # a one-machine launch, planned for this machine
-        threads = cpu_threads(topo.processes_per_node, os.environ, psutil.cpu_count(logical=False)) if here else None
+        threads = cpu_threads(topo.processes_per_node, nodes, hardware is None and vram is None, os.environ,
+                              psutil.cpu_count(logical=False))
         args = accelerate_args(lp.strategy, topo, lp.plan.batch.gradient_accumulation_steps, recipe_path, set_,
                                threads)
         _print_launch(lp, topo)

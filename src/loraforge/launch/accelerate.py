@@ -43,17 +43,18 @@ def config_file(strategy: str, nodes: int) -> Path:
     return shipped_dir("accelerate_configs") / f"{name}.yaml"
 
 
-def cpu_threads(processes_per_node: int, environ, physical_cores: int | None) -> int | None:
+def cpu_threads(processes_per_node: int, nodes: int, planned_here: bool, environ,
+                physical_cores: int | None) -> int | None:
     """Threads per process for a launch on this machine, or None to leave it to accelerate.
 
     `accelerate launch` gives each process it starts OMP_NUM_THREADS = --num_cpu_threads_per_process, which
     defaults to 1 unless OMP_NUM_THREADS is set (accelerate/commands/launch.py): a lone process then computes on
     one core where `loraforge train` (torch's default) uses every physical core. The node's physical cores shared
     among its processes; an OMP_NUM_THREADS the user exported is kept (accelerate reads it itself). Used for a
-    one-node launch on this machine only: on several nodes each node's launch (the sbatch template's
-    OMP_NUM_THREADS per node, or the user's wrapper) knows its own cores, and the command stays the one
-    `slurm submit` renders."""
-    if environ.get("OMP_NUM_THREADS") or not physical_cores:
+    one-node launch planned for this machine only (`planned_here`: no --hardware/--vram): on several nodes each
+    node's launch (the sbatch template's OMP_NUM_THREADS per node, or the user's wrapper) knows its own cores,
+    and the command stays the one `slurm submit` renders."""
+    if nodes > 1 or not planned_here or environ.get("OMP_NUM_THREADS") or not physical_cores:
         return None
     return max(physical_cores // max(processes_per_node, 1), 1)
 
